@@ -1,0 +1,331 @@
+"""Benchmark torchgmm against scikit-learn and peer libraries in one run.
+
+    python benchmarks/run.py configs/bench_w1.yaml [--quick] [--device cpu|cuda]
+                             [--out benchmarks/results/NAME.json] [--markdown FILE]
+
+Every (workload, method, dtype) cell runs in a fresh worker process (this file with --worker), so a
+peer that crashes, hangs (timeout) or is missing only costs its own row, and peak memory is that
+process's alone. See benchmarks/README.md for the columns.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.metadata as md
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy.special import logsumexp
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # benchmarks/ and the repo root (torchgmm without install)
+
+import peers  # noqa: E402
+import workloads  # noqa: E402
+
+EXPANDED = ("covariance_type", "init_params")  # workload keys that may be lists: one row group per value
+TORCH_METHODS = ("torchgmm", "gmm_gpu", "pomegranate")  # these follow --device; the others run on the CPU
+
+
+# ---------------------------------------------------------------------------------------------
+# the one quality evaluator
+
+
+def mean_loglik(X: np.ndarray, weights, means, covs) -> np.ndarray:
+    """Mean log-likelihood per sample of each dataset, float64: logsumexp over components of
+    log w_k + log N(x | mu_k, Sigma_k). X (B, N, D), weights (B, K), means (B, K, D),
+    covs (B, K, D, D). NaN for a dataset whose parameters are non-finite or not positive definite."""
+    X, w, mu, S = (np.asarray(a, dtype=np.float64) for a in (X, weights, means, covs))
+    B, N, D = X.shape
+    ok = np.isfinite(w).all(1) & np.isfinite(mu).all((1, 2)) & np.isfinite(S).all((1, 2, 3))
+    S = np.where(ok[:, None, None, None], S, np.eye(D))
+    ok &= (np.linalg.eigvalsh(S).min(-1) > 0).all(1)
+    S = np.where(ok[:, None, None, None], S, np.eye(D))
+    mu = np.where(ok[:, None, None], mu, 0.0)
+    Linv = np.linalg.inv(np.linalg.cholesky(S))                        # (B, K, D, D)
+    logdet = -np.log(np.diagonal(Linv, axis1=-2, axis2=-1)).sum(-1)    # 0.5 log|Sigma|
+    with np.errstate(divide="ignore"):
+        logw = np.log(np.where(ok[:, None], w, 1.0))
+    lp = np.empty((B, w.shape[1], N))
+    for k in range(w.shape[1]):
+        z = np.einsum("bde,bne->bnd", Linv[:, k], X - mu[:, k, None])
+        lp[:, k] = logw[:, k, None] - 0.5 * (D * np.log(2 * np.pi) + (z**2).sum(-1)) - logdet[:, k, None]
+    ll = logsumexp(lp, axis=1).mean(-1)
+    return np.where(ok & np.isfinite(ll), ll, np.nan)
+
+
+def min_variance(covs: np.ndarray) -> np.ndarray:
+    """Smallest component variance (eigenvalue) per dataset, for the collapse test."""
+    c = np.nan_to_num(np.asarray(covs, dtype=np.float64), nan=0.0)
+    return np.linalg.eigvalsh(c).min((-2, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# worker: one (workload, method, dtype) cell in its own process
+
+
+def rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def reset_peak_rss() -> bool:
+    try:  # Linux >= 4.0: resets VmHWM (peak RSS) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(spec: dict) -> dict:
+    p, m = spec["params"], spec["method"]
+    X = workloads.make(spec["kind"], p)[: spec["n_series"]]
+    task = peers.Task(K=p["K"], covariance_type=p["covariance_type"], n_init=p["n_init"],
+                      max_iter=p["max_iter"], tol=p["tol"], reg_covar=p["reg_covar"],
+                      init_params=p["init_params"], seed=p["seed"], dtype=spec["dtype"],
+                      device=spec["device"])
+    fit = peers.ADAPTERS[m].fit
+    task.device = spec["device"] if m in TORCH_METHODS else "cpu"
+    cuda = task.device.startswith("cuda")
+    if cuda:
+        import torch
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        hwm_reset, base = reset_peak_rss(), rss_mb("VmRSS")
+    if p["warmup"]:
+        fit(X, task)
+    outs = [fit(X, task) for _ in range(p["repeats"])]
+    if cuda:
+        mem, mem_kind = (torch.cuda.max_memory_allocated() - base) / 2**20, "cuda"
+    else:
+        mem, mem_kind = rss_mb("VmHWM") - base, "rss" if hwm_reset else "rss*"
+    o = outs[-1]
+    return dict(seconds=[r.seconds for r in outs], ll=mean_loglik(X, o.weights, o.means, o.covariances).tolist(),
+                min_var=min_variance(o.covariances).tolist(), mem_mb=mem, mem_kind=mem_kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# config -> cells
+
+
+def variants(cfg: dict, quick: bool):
+    """Yield (label, kind, params) for every workload entry and every value of a list-valued key."""
+    for entry in cfg["workloads"]:
+        kind = entry["workload"]
+        p = {**workloads.COMMON, **workloads.DEFAULTS[kind], **entry}
+        if quick:
+            p["B"] = max(1 if p["B"] == 1 else 10, p["B"] // 10)
+            if "N" in p:
+                p["N"] = max(50, p["N"] // 10)
+            p["repeats"] = 1
+        lists = [k for k in EXPANDED if isinstance(p[k], list)]
+        for values in itertools.product(*(p[k] for k in lists)):
+            q = {**p, **dict(zip(lists, values))}
+            label = " ".join([kind.upper(), f"B={q['B']}"] + [str(v) for v in values])
+            yield label, kind, q
+
+
+def cells(cfg: dict, quick: bool, device: str):
+    """Yield (label, kind, params, method, dtype, n_series, skip_reason)."""
+    for label, kind, p in variants(cfg, quick):
+        for name, mcfg in cfg["methods"].items():
+            mcfg = mcfg or {}
+            if not mcfg.get("enabled", True) or name not in p.get("methods", [name]):
+                continue
+            a = peers.ADAPTERS[name]
+            dtypes = mcfg.get("dtype", a.dtypes[0])
+            for dtype in dtypes if isinstance(dtypes, list) else [dtypes]:
+                n = min(p["B"], mcfg.get("max_series", p["B"]))
+                task = peers.Task(K=p["K"], covariance_type=p["covariance_type"],
+                                  init_params=p["init_params"], dtype=dtype)
+                if importlib.util.find_spec(a.module) is None:
+                    skip = f"not installed (import {a.module} failed)"
+                else:
+                    skip = peers.unsupported(name, task)
+                yield label, kind, p, name, dtype, n, skip
+
+
+def run_cell(kind, p, name, dtype, n, device, timeout) -> dict:
+    spec = dict(kind=kind, params=p, method=name, dtype=dtype, n_series=n, device=device)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "spec.json"
+        path.write_text(json.dumps(spec))
+        try:
+            r = subprocess.run([sys.executable, __file__, "--worker", str(path)], capture_output=True,
+                               text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return dict(skip=f"timed out after {timeout} s")
+        out = Path(d) / "out.json"
+        if r.returncode != 0 or not out.exists():
+            lines = [s for s in (r.stderr or r.stdout).strip().splitlines() if s.strip()]
+            return dict(skip=f"failed (rc={r.returncode}): {lines[-1][:160] if lines else 'no output'}")
+        return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# machine line, table, output
+
+
+def machine(device: str) -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version())
+    for pkg in ("torch", "numpy", "scikit-learn", "pomegranate", "gmm-gpu", "gmmx", "jax"):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    info["device"] = "cpu"
+    if device.startswith("cuda"):
+        import torch
+        info["device"] = f"{device} ({torch.cuda.get_device_name()})"
+    return info
+
+
+def summarize(rows: list[dict]) -> None:
+    """Add per-series time, ratio and ll difference vs scikit-learn (on the series both fitted)."""
+    ref = {r["label"]: r for r in rows if r["method"] == "sklearn" and "seconds" in r}
+    for r in rows:
+        if "seconds" not in r:
+            continue
+        ll = np.array(r["ll"], dtype=float)
+        r["s_per_series"] = float(np.median(r["seconds"])) / r["n"]
+        r["mean_ll"] = float(np.nanmean(ll)) if np.isfinite(ll).any() else float("nan")
+        r["failed"] = int((~np.isfinite(ll)).sum())
+        p, sk = r["params"], ref.get(r["label"])
+        if sk is not None:
+            r["vs_sklearn"] = sk["s_per_series"] / r["s_per_series"]
+            a, b = ll, np.array(sk["ll"], dtype=float)
+            k = min(len(a), len(b))
+            both = np.isfinite(a[:k]) & np.isfinite(b[:k])
+            r["dll_vs_sklearn"] = float((a[:k][both] - b[:k][both]).mean()) if both.any() else float("nan")
+        if r["kind"] == "seed":
+            collapsed = np.array(r["min_var"]) <= 10 * p["reg_covar"]
+            hit = ~collapsed & (ll >= p["best_ll"] - p["best_tol"])
+            r["note"] = f"best {hit.mean():.0%}, collapsed {collapsed.mean():.0%}"
+        elif r["failed"]:
+            r["note"] = f"{r['failed']} series NaN/non-PD"
+
+
+HEAD = ["workload", "method", "dtype", "series", "s/series", "vs sklearn", "mean ll", "Δll vs sk",
+        "peak MB", "note"]
+
+
+def fmt_rows(rows: list[dict]) -> list[list[str]]:
+    def f(v, spec):
+        return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+    out = []
+    for r in rows:
+        if "seconds" not in r:
+            out.append([r["label"], r["method"], r["dtype"], "", "", "", "", "", "", "skipped: " + r["skip"]])
+            continue
+        out.append([r["label"], r["method"], r["dtype"], str(r["n"]), f(r["s_per_series"], ".3g"),
+                    f(r.get("vs_sklearn"), ".2f") + ("x" if "vs_sklearn" in r else ""),
+                    f(r["mean_ll"], ".4f"), f(r.get("dll_vs_sklearn"), "+.1e"),
+                    f(r["mem_mb"], ".0f") + ("" if r["mem_kind"] == "rss" else " " + r["mem_kind"]),
+                    r.get("note", "")])
+    return out
+
+
+def footnotes(info: dict) -> list[str]:
+    return [
+        "s/series: median over `repeats` timed fits (after one warm-up fit) of the fit time divided by the "
+        "series timed; fit only (data already converted/on device; CUDA synchronized). A method with fewer "
+        "series than B timed a subsample (the first `max_series`).",
+        "vs sklearn: scikit-learn s/series / method s/series (>1 = faster).",
+        "mean ll: mean log-likelihood per sample from the returned parameters, one float64 evaluator for all "
+        "methods, averaged over series; Δll vs sk: method minus scikit-learn on the series both fitted.",
+        "peak MB: growth of the worker process's peak RSS (VmHWM, reset just before the warm-up; includes the "
+        "method's copy of the input and JIT caches); 'cuda' = torch.cuda.max_memory_allocated growth; "
+        "'rss*' = VmHWM could not be reset (lifetime peak).",
+        "SEED note: share of seeds reaching the best non-degenerate optimum / share collapsed "
+        "(a component variance <= 10*reg_covar).",
+    ]
+
+
+def machine_line(info: dict) -> str:
+    vers = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("cpu", "cores", "device"))
+    return f"machine: {info['cpu']}, {info['cores']} cores, device {info['device']}; {vers}"
+
+
+def render_text(table: list[list[str]]) -> str:
+    w = [max(len(r[i]) for r in [HEAD] + table) for i in range(len(HEAD))]
+    line = lambda r: "  ".join(c.ljust(w[i]) if i < 3 or i == len(HEAD) - 1 else c.rjust(w[i])  # noqa: E731
+                               for i, c in enumerate(r)).rstrip()
+    return "\n".join([line(HEAD), "  ".join("-" * x for x in w)] + [line(r) for r in table])
+
+
+def render_markdown(info: dict, table: list[list[str]]) -> str:
+    rows = [HEAD, ["---"] * len(HEAD)] + table
+    body = "\n".join("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows)
+    notes = "\n".join(f"{i + 1}. {n}" for i, n in enumerate(footnotes(info)))
+    return f"{machine_line(info)}\n\n{body}\n\n{notes}\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", nargs="?")
+    ap.add_argument("--quick", action="store_true", help="shrink every workload (B/10, N/10, 1 repeat)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i] for the torch-based methods")
+    ap.add_argument("--out", help="JSON results (default benchmarks/results/<config>[-quick].json)")
+    ap.add_argument("--markdown", help="also write the table as markdown to this file")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        spec = json.loads(Path(args.worker).read_text())
+        (Path(args.worker).parent / "out.json").write_text(json.dumps(worker(spec)))
+        return
+    if not args.config:
+        ap.error("a config file is required")
+
+    import yaml
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    info = machine(args.device)
+    print(machine_line(info), flush=True)
+    rows = []
+    for label, kind, p, name, dtype, n, skip in cells(cfg, args.quick, args.device):
+        row = dict(label=label, kind=kind, params=p, method=name, dtype=dtype, n=n)
+        if skip is None:
+            print(f"  {label}: {name} {dtype} on {n} series ...", end=" ", flush=True)
+            res = run_cell(kind, p, name, dtype, n, args.device, cfg.get("timeout_s", 1800))
+            print(res.get("skip", f"{np.median(res.get('seconds', [0])):.2f} s/fit"), flush=True)
+            row.update(res)
+        else:
+            row["skip"] = skip
+        rows.append(row)
+    summarize(rows)
+    table = fmt_rows(rows)
+    print()
+    print(machine_line(info))
+    print(render_text(table))
+    for i, n in enumerate(footnotes(info)):
+        print(f"  [{i + 1}] {n}")
+
+    stem = Path(args.config).stem + ("-quick" if args.quick else "")
+    out = Path(args.out or HERE / "results" / f"{stem}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    slim = [{k: v for k, v in r.items() if k not in ("ll", "min_var")} for r in rows]
+    out.write_text(json.dumps(dict(machine=info, config=copy.deepcopy(cfg), quick=args.quick,
+                                   device=args.device, rows=slim), indent=1))
+    print(f"saved {out}")
+    if args.markdown:
+        Path(args.markdown).write_text(render_markdown(info, table))
+        print(f"saved {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()

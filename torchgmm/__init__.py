@@ -1,0 +1,21 @@
+"""torchgmm: batched Gaussian mixture models in PyTorch.
+
+One ``fit`` call fits thousands of independent mixtures (each with restarts) as one tensor EM on
+CPU or CUDA. See ``GaussianMixture`` (the nn.Module with scikit-learn's names) and ``fit`` (the
+functional entry point returning a ``FitResult``).
+"""
+from .covariance import COVARIANCE_TYPES, Covariance, get_covariance
+from .density import GMMParams, component_log_prob, log_prob, log_responsibilities, responsibilities
+from .fit import fit
+from .mixture import GaussianMixture
+from .result import ConvergenceWarning, DegenerateWarning, FitResult, FitStatus, FitWarning
+from .validation import NotFittedError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GaussianMixture", "fit", "FitResult", "FitStatus", "GMMParams", "NotFittedError",
+    "FitWarning", "ConvergenceWarning", "DegenerateWarning",
+    "component_log_prob", "log_prob", "log_responsibilities", "responsibilities",
+    "COVARIANCE_TYPES", "Covariance", "get_covariance",
+]

@@ -1,0 +1,356 @@
+"""The covariance registry: everything that depends on ``covariance_type``, in one place.
+
+Each covariance type is one small class. It owns the shape of the precision Cholesky factor
+``prec_chol`` (scikit-learn's ``precisions_cholesky_``), the Mahalanobis and log-determinant terms
+of the log-density, the scatter statistic and the covariance estimate of the M-step, conversions
+between covariances / precisions / precision Cholesky factors, the unconstrained form used by the
+module and the gradient mode, and the number of free parameters. No other module branches on the
+covariance type.
+
+Shapes: batch ``(*B)`` (any leading dims, restarts included), ``K`` components, ``N`` points,
+``D`` features. ``prec_chol`` is
+
+=========  ===============  ==========================================
+type       prec_chol        meaning
+=========  ===============  ==========================================
+full       (*B, K, D, D)    upper-triangular U_k with precision U_k U_k^T
+tied       (*B, D, D)       one upper-triangular U shared by all k
+diag       (*B, K, D)       1 / standard deviation per feature
+spherical  (*B, K)          1 / standard deviation, same for all features
+=========  ===============  ==========================================
+
+Pure tensor functions only: no input validation here (that lives in ``validation``); the one
+message is :func:`get_covariance`'s list of the valid names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["Covariance", "COVARIANCE_TYPES", "get_covariance", "cholesky_with_jitter"]
+
+# How often a failed Cholesky factorization is retried, each time with 10x more jitter.
+_JITTER_TRIES = 4
+
+
+def cholesky_with_jitter(matrix: Tensor, jitter: Tensor) -> tuple[Tensor, Tensor]:
+    """Lower Cholesky factor of SPD ``matrix (..., D, D)``, retrying failed members only.
+
+    A member whose factorization fails is retried with ``jitter * 10**t`` (t = 0, 1, ...) added to
+    its diagonal; the others are never changed. ``jitter`` broadcasts against ``matrix[..., 0, 0]``.
+    Returns ``(L, ok)`` with ``ok`` of shape ``matrix.shape[:-2]``; where ``ok`` is False, ``L`` is
+    the identity (finite, never NaN) and the caller decides what to do with that member.
+    """
+    chol, info = torch.linalg.cholesky_ex(matrix)
+    ok = info == 0
+    if not bool(ok.all()):
+        eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+        jitter = torch.as_tensor(jitter, dtype=matrix.dtype, device=matrix.device)
+        jitter = jitter.clamp_min(torch.finfo(matrix.dtype).eps)
+        for t in range(_JITTER_TRIES):
+            bumped = matrix + (jitter * 10.0**t)[..., None, None] * eye
+            retry, info = torch.linalg.cholesky_ex(bumped)
+            fixed = ~ok & (info == 0)
+            chol = torch.where(fixed[..., None, None], retry, chol)
+            ok = ok | fixed
+            if bool(ok.all()):
+                break
+        chol = torch.where(ok[..., None, None], chol, eye)
+    return chol, ok
+
+
+def _prec_chol_from_cov_matrix(cov: Tensor, jitter: Tensor) -> tuple[Tensor, Tensor]:
+    """Upper-triangular U with ``U U^T = cov^-1`` for ``cov (..., D, D)``; and the ok mask."""
+    chol, ok = cholesky_with_jitter(cov, jitter)
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    inv_chol = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    return inv_chol.mT, ok
+
+
+def _cov_from_prec_chol_matrix(prec_chol: Tensor) -> Tensor:
+    """``(U U^T)^-1`` for triangular ``U (..., D, D)``, computed from the triangular inverse."""
+    eye = torch.eye(prec_chol.shape[-1], dtype=prec_chol.dtype, device=prec_chol.device)
+    inv = torch.linalg.solve_triangular(prec_chol, eye.expand_as(prec_chol), upper=True)
+    return inv.mT @ inv
+
+
+def _triu_to_unconstrained(prec_chol: Tensor) -> Tensor:
+    """Upper-triangular factor with positive diagonal -> same matrix with ``log`` diagonal."""
+    diag = torch.diagonal(prec_chol, dim1=-2, dim2=-1)
+    return torch.triu(prec_chol, 1) + torch.diag_embed(torch.log(diag))
+
+
+def _triu_from_unconstrained(raw: Tensor) -> Tensor:
+    """Inverse of :func:`_triu_to_unconstrained`; entries below the diagonal are ignored."""
+    diag = torch.diagonal(raw, dim1=-2, dim2=-1)
+    return torch.triu(raw, 1) + torch.diag_embed(torch.exp(diag))
+
+
+class Covariance:
+    """Interface of a covariance type. Subclasses are stateless; use :func:`get_covariance`."""
+
+    name: str = ""
+
+    # -- shapes and counting -------------------------------------------------------------
+    def prec_chol_shape(self, n_components: int, n_features: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def covariance_shape(self, n_components: int, n_features: int) -> tuple[int, ...]:
+        return self.prec_chol_shape(n_components, n_features)
+
+    def n_parameters(self, n_components: int, n_features: int) -> int:
+        """Free parameters of the whole mixture (weights, means, covariances), as for BIC."""
+        return self.n_cov_parameters(n_components, n_features) + n_features * n_components + n_components - 1
+
+    def n_cov_parameters(self, n_components: int, n_features: int) -> int:
+        raise NotImplementedError
+
+    # -- the log-density ---------------------------------------------------------------------
+    def log_det(self, prec_chol: Tensor, n_features: int) -> Tensor:
+        """``log det U`` per component, ``(*B, K)`` (tied: ``(*B, 1)``): half the log-det precision."""
+        raise NotImplementedError
+
+    def mahalanobis(self, diff: Tensor, prec_chol: Tensor) -> Tensor:
+        """Squared Mahalanobis distance ``(*B, K, N)`` from ``diff = x - mean``, ``(*B, K, N, D)``."""
+        raise NotImplementedError
+
+    # -- the M-step ----------------------------------------------------------------------
+    def scatter(self, diff: Tensor, resp: Tensor) -> Tensor:
+        """Weighted scatter about the reference means: ``sum_n resp_kn diff_kn diff_kn^T``.
+
+        ``diff (*B, K, N, D)``, ``resp (*B, K, N)``. Full and tied return ``(*B, K, D, D)``;
+        diag and spherical only need its diagonal, ``(*B, K, D)``.
+        """
+        raise NotImplementedError
+
+    def covariance(self, nk: Tensor, shift: Tensor, scatter: Tensor, reg_covar: Tensor) -> Tensor:
+        """Covariance estimate in this type's shape, from statistics about the reference means.
+
+        ``nk (*B, K)`` weights, ``shift (*B, K, D)`` = new mean - reference mean,
+        ``scatter`` as returned by :meth:`scatter` (summed over chunks), ``reg_covar (*B)`` is
+        added to the diagonal. The centring correction ``- nk shift shift^T`` is small because the
+        reference is the previous mean: no ``E[xx^T] - mu mu^T`` cancellation.
+        """
+        raise NotImplementedError
+
+    def prec_chol_from_covariance(self, cov: Tensor, reg_covar: Tensor) -> tuple[Tensor, Tensor]:
+        """``(prec_chol, ok)``; ``ok (*B)`` is False for members whose covariance is not SPD even
+        after jitter (their ``prec_chol`` is finite but meaningless)."""
+        raise NotImplementedError
+
+    # -- conversions -----------------------------------------------------------------------
+    def covariance_from_prec_chol(self, prec_chol: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def precision_from_prec_chol(self, prec_chol: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def prec_chol_from_precision(self, precision: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def full_covariance(self, prec_chol: Tensor, n_components: int, n_features: int) -> Tensor:
+        """Covariances expanded to ``(*B, K, D, D)`` (for sampling and torch.distributions)."""
+        raise NotImplementedError
+
+    def min_variance(self, cov: Tensor, n_components: int) -> Tensor:
+        """Smallest eigenvalue of each component's covariance, ``(*B, K)``."""
+        raise NotImplementedError
+
+    def rescale(self, prec_chol: Tensor, scale: Tensor) -> Tensor:
+        """``prec_chol`` after the data are multiplied by ``scale (*B)``."""
+        return prec_chol / scale.reshape(scale.shape + (1,) * (prec_chol.dim() - scale.dim()))
+
+    # -- unconstrained form (module parameters, gradient mode) ------------------------------
+    def to_unconstrained(self, prec_chol: Tensor) -> Tensor:
+        return torch.log(prec_chol)
+
+    def from_unconstrained(self, raw: Tensor) -> Tensor:
+        return torch.exp(raw)
+
+    def __repr__(self) -> str:
+        return f"<covariance {self.name!r}>"
+
+
+class Full(Covariance):
+    name = "full"
+
+    def prec_chol_shape(self, n_components, n_features):
+        return (n_components, n_features, n_features)
+
+    def n_cov_parameters(self, n_components, n_features):
+        return n_components * n_features * (n_features + 1) // 2
+
+    def log_det(self, prec_chol, n_features):
+        return torch.log(torch.diagonal(prec_chol, dim1=-2, dim2=-1)).sum(-1)
+
+    def mahalanobis(self, diff, prec_chol):
+        y = diff @ prec_chol  # (*B, K, N, D) @ (*B, K, D, D)
+        return y.square().sum(-1)
+
+    def scatter(self, diff, resp):
+        return (diff * resp.unsqueeze(-1)).mT @ diff  # (*B, K, D, D)
+
+    def covariance(self, nk, shift, scatter, reg_covar):
+        cov = scatter / nk[..., None, None] - shift.unsqueeze(-1) * shift.unsqueeze(-2)
+        cov = 0.5 * (cov + cov.mT)
+        return cov + _diag_matrix(reg_covar[..., None], cov)
+
+    def prec_chol_from_covariance(self, cov, reg_covar):
+        prec_chol, ok = _prec_chol_from_cov_matrix(cov, reg_covar[..., None])
+        return prec_chol, ok.all(-1)
+
+    def covariance_from_prec_chol(self, prec_chol):
+        return _cov_from_prec_chol_matrix(prec_chol)
+
+    def precision_from_prec_chol(self, prec_chol):
+        return prec_chol @ prec_chol.mT
+
+    def prec_chol_from_precision(self, precision):
+        # U upper with U U^T = P: reverse the axes, take the lower Cholesky factor, reverse back.
+        flipped = precision.flip(-1, -2)
+        return torch.linalg.cholesky(flipped).flip(-1, -2)
+
+    def full_covariance(self, prec_chol, n_components, n_features):
+        return self.covariance_from_prec_chol(prec_chol)
+
+    def min_variance(self, cov, n_components):
+        return torch.linalg.eigvalsh(cov)[..., 0]
+
+    def to_unconstrained(self, prec_chol):
+        return _triu_to_unconstrained(prec_chol)
+
+    def from_unconstrained(self, raw):
+        return _triu_from_unconstrained(raw)
+
+
+class Tied(Full):
+    name = "tied"
+
+    def prec_chol_shape(self, n_components, n_features):
+        return (n_features, n_features)
+
+    def n_cov_parameters(self, n_components, n_features):
+        return n_features * (n_features + 1) // 2
+
+    def log_det(self, prec_chol, n_features):
+        return super().log_det(prec_chol, n_features).unsqueeze(-1)
+
+    def mahalanobis(self, diff, prec_chol):
+        return super().mahalanobis(diff, prec_chol.unsqueeze(-3))
+
+    def covariance(self, nk, shift, scatter, reg_covar):
+        centred = scatter - nk[..., None, None] * shift.unsqueeze(-1) * shift.unsqueeze(-2)
+        cov = centred.sum(-3) / nk.sum(-1)[..., None, None]
+        cov = 0.5 * (cov + cov.mT)
+        return cov + _diag_matrix(reg_covar, cov)
+
+    def prec_chol_from_covariance(self, cov, reg_covar):
+        return _prec_chol_from_cov_matrix(cov, reg_covar)
+
+    def full_covariance(self, prec_chol, n_components, n_features):
+        cov = self.covariance_from_prec_chol(prec_chol).unsqueeze(-3)
+        return cov.expand(*cov.shape[:-3], n_components, n_features, n_features)
+
+    def min_variance(self, cov, n_components):
+        low = torch.linalg.eigvalsh(cov)[..., :1]
+        return low.expand(*low.shape[:-1], n_components)
+
+
+class Diag(Covariance):
+    name = "diag"
+
+    def prec_chol_shape(self, n_components, n_features):
+        return (n_components, n_features)
+
+    def n_cov_parameters(self, n_components, n_features):
+        return n_components * n_features
+
+    def log_det(self, prec_chol, n_features):
+        return torch.log(prec_chol).sum(-1)
+
+    def mahalanobis(self, diff, prec_chol):
+        return (diff * prec_chol.unsqueeze(-2)).square().sum(-1)
+
+    def scatter(self, diff, resp):
+        return torch.einsum("...kn,...knd->...kd", resp, diff.square())
+
+    def covariance(self, nk, shift, scatter, reg_covar):
+        var = (scatter / nk[..., None] - shift.square()).clamp_min(0.0)
+        return var + reg_covar[..., None, None]
+
+    def prec_chol_from_covariance(self, cov, reg_covar):
+        ok = (cov > 0).flatten(-2).all(-1)
+        return torch.rsqrt(torch.where(cov > 0, cov, torch.ones_like(cov))), ok
+
+    def covariance_from_prec_chol(self, prec_chol):
+        return prec_chol.square().reciprocal()
+
+    def precision_from_prec_chol(self, prec_chol):
+        return prec_chol.square()
+
+    def prec_chol_from_precision(self, precision):
+        return precision.sqrt()
+
+    def full_covariance(self, prec_chol, n_components, n_features):
+        return torch.diag_embed(self.covariance_from_prec_chol(prec_chol))
+
+    def min_variance(self, cov, n_components):
+        return cov.amin(-1)
+
+
+class Spherical(Diag):
+    name = "spherical"
+
+    def prec_chol_shape(self, n_components, n_features):
+        return (n_components,)
+
+    def n_cov_parameters(self, n_components, n_features):
+        return n_components
+
+    def log_det(self, prec_chol, n_features):
+        return n_features * torch.log(prec_chol)
+
+    def mahalanobis(self, diff, prec_chol):
+        return diff.square().sum(-1) * prec_chol.square().unsqueeze(-1)
+
+    def covariance(self, nk, shift, scatter, reg_covar):
+        var = (scatter / nk[..., None] - shift.square()).clamp_min(0.0).mean(-1)
+        return var + reg_covar[..., None]
+
+    def prec_chol_from_covariance(self, cov, reg_covar):
+        ok = (cov > 0).all(-1)
+        return torch.rsqrt(torch.where(cov > 0, cov, torch.ones_like(cov))), ok
+
+    def full_covariance(self, prec_chol, n_components, n_features):
+        var = self.covariance_from_prec_chol(prec_chol)[..., None].expand(*prec_chol.shape, n_features)
+        return torch.diag_embed(var)
+
+    def min_variance(self, cov, n_components):
+        return cov
+
+
+def _diag_matrix(values: Tensor, like: Tensor) -> Tensor:
+    """``values (...)`` on the diagonal of a matrix shaped like ``like (..., D, D)``."""
+    eye = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device)
+    return values[..., None, None] * eye
+
+
+COVARIANCE_TYPES: dict[str, Covariance] = {c.name: c for c in (Full(), Tied(), Diag(), Spherical())}
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def get_covariance(covariance_type: str | Covariance) -> Covariance:
+    """The registry entry for ``covariance_type`` (a name or a :class:`Covariance`)."""
+    if isinstance(covariance_type, Covariance):
+        return covariance_type
+    try:
+        return COVARIANCE_TYPES[covariance_type]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"covariance_type={covariance_type!r} is not supported; "
+            f"choose one of {sorted(COVARIANCE_TYPES)}"
+        ) from None

@@ -1,0 +1,235 @@
+"""One fit, end to end: the functional entry point under the ``GaussianMixture`` module.
+
+Data flow::
+
+    validate X, weights (fold NaN rows / padding into zero weights)
+      -> flatten the batch to (B, N, D); count positive-weight points per series
+      -> standardize per series (shift, scale; reg_covar rescaled alike)
+      -> initialize (B, R, ...) restarts   [init]
+      -> run EM on all members            [em: E-step + statistics + M-step per iteration]
+      -> flag degenerate members; choose the best restart per series
+      -> back to data units; status per series; one summarized warning
+      -> FitResult with the batch shape restored
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import validation
+from .covariance import get_covariance
+from .density import GMMParams
+from .em import run_em
+from .init import INIT_METHODS, initialize, make_generator
+from .result import FitResult, FitStatus
+
+__all__ = ["fit", "standardize", "DEFAULT_MEMORY_BUDGET"]
+
+# Bytes the E-step's temporaries may use at once; the points are processed in chunks to stay below.
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
+# A component is degenerate when its smallest variance is within this factor of reg_covar.
+DEGENERATE_FACTOR = 10.0
+
+
+def standardize(x: Tensor, w: Tensor, reg_covar: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-series centring and scaling of ``x (B, N, D)`` with weights ``w (B, N)``.
+
+    Returns ``(xs, shift (B, D), scale (B,), reg (B,))`` with ``xs = (x - shift) / scale`` (zero
+    where ``w == 0``) and ``reg = reg_covar / scale**2``. ``scale`` is the root mean variance over
+    features (one number, so every covariance type maps back exactly), floored at
+    ``sqrt(reg_covar)`` so that a constant or tiny-scale series never divides by ~0.
+    """
+    w_total = w.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)  # (B, 1)
+    shift = (w.unsqueeze(-1) * x).sum(-2) / w_total  # (B, D)
+    centred = x - shift.unsqueeze(-2)
+    var = (w.unsqueeze(-1) * centred.square()).sum(-2) / w_total  # (B, D)
+    scale = var.mean(-1).sqrt()
+    scale = torch.maximum(scale, torch.full_like(scale, math.sqrt(reg_covar)))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    xs = torch.where(w.unsqueeze(-1) > 0, centred / scale[:, None, None], torch.zeros((), dtype=x.dtype, device=x.device))
+    return xs, shift, scale, reg_covar / scale.square()
+
+
+def _auto_chunk(n_members: int, n_components: int, n: int, d: int, itemsize: int, budget: int) -> Optional[int]:
+    # diff (K, N, D) and its transformed copy, plus a handful of (K, N) temporaries, per member.
+    per_point = n_members * n_components * (2 * d + 4) * itemsize
+    chunk = max(1, budget // max(per_point, 1))
+    return None if chunk >= n else int(chunk)
+
+
+def fit(
+    X,
+    n_components: int = 1,
+    *,
+    covariance_type: str = "full",
+    tol: float = 1e-3,
+    reg_covar: float = 1e-6,
+    max_iter: int = 100,
+    n_init: int = 1,
+    init_params: str = "kmeans",
+    weights_init=None,
+    means_init=None,
+    precisions_init=None,
+    random_state=None,
+    sample_weight=None,
+    nan_policy: str = "raise",
+    dtype: Optional[torch.dtype] = None,
+    device=None,
+    warm_start: Optional[GMMParams] = None,
+    chunk_size: Optional[int] = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    n_features: Optional[int] = None,
+    warn: bool = True,
+) -> FitResult:
+    """Fit independent Gaussian mixtures to every dataset of ``X (*B, N, D)`` at once.
+
+    ``X`` may be ``(N,)`` (one univariate series), ``(N, D)`` or ``(*B, N, D)``; a tensor, numpy
+    array or nested list. ``sample_weight (*B, N)`` is non-negative; zero weight marks padding, so
+    ragged series are one padded tensor. Settings mean what they mean in scikit-learn's
+    ``GaussianMixture``; initial parameters may carry the batch dims or not (broadcast).
+    ``warm_start`` (parameters in data units) replaces the initialization. Returns a
+    :class:`FitResult` whose tensors have the batch shape ``(*B)`` in front.
+    """
+    validation.check_settings(
+        n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
+        max_iter=max_iter, n_init=n_init, init_params=init_params, nan_policy=nan_policy,
+        init_methods=INIT_METHODS,
+    )
+    cov = get_covariance(covariance_type)
+    x, nan_rows = validation.as_data(X, dtype=dtype, device=device, n_features=n_features, nan_policy=nan_policy, min_samples=2)
+    w = validation.as_sample_weight(sample_weight, x)
+    if nan_rows is not None:
+        w = torch.where(nan_rows, torch.zeros((), dtype=w.dtype, device=w.device), w)
+    batch_shape, (n, d), k = x.shape[:-2], x.shape[-2:], n_components
+    x, w = x.reshape(-1, n, d), w.reshape(-1, n)
+    n_series = x.shape[0]
+    factory = dict(dtype=x.dtype, device=x.device)
+
+    n_valid = (w > 0).sum(-1)  # (B,)
+    empty = n_valid == 0
+    insufficient = (n_valid < k) & ~empty
+    if len(batch_shape) == 0 and bool(empty.any()):
+        raise ValueError("sample_weight is zero everywhere; at least one point needs a positive weight")
+    if len(batch_shape) == 0 and bool(insufficient.any()):
+        raise ValueError(
+            f"n_components={k} must be <= the number of positive-weight samples, n_samples={int(n_valid[0])}; "
+            "reduce n_components or provide more data"
+        )
+    # Empty series are fitted on a harmless stand-in and reported EMPTY; the rest never notice.
+    w = torch.where(empty.unsqueeze(-1), torch.ones((), **factory), w)
+    x = torch.where(empty[:, None, None], torch.zeros((), **factory), x)
+    w = w * (n_valid.clamp_min(1) / w.sum(-1)).unsqueeze(-1).to(x.dtype)  # weights in units of points
+
+    xs, shift, scale, reg = standardize(x, w, reg_covar)
+
+    def to_standard(params: GMMParams) -> GMMParams:
+        return GMMParams(
+            params.log_weights,
+            (params.means - shift.unsqueeze(-2)) / scale[:, None, None],
+            cov.rescale(params.prec_chol, scale.reciprocal()),
+        )
+
+    # -- initialization --------------------------------------------------------------------
+    given = {}
+    if warm_start is not None:
+        start = to_standard(GMMParams(*(t.reshape(n_series, *t.shape[len(batch_shape):]).to(**factory) for t in warm_start)))
+        init = start.map(lambda t: t.unsqueeze(1))
+    else:
+        weights0 = validation.batched_init(weights_init, "weights_init", (k,), batch_shape, **factory)
+        means0 = validation.batched_init(means_init, "means_init", (k, d), batch_shape, **factory)
+        prec0 = validation.batched_init(precisions_init, "precisions_init", cov.covariance_shape(k, d), batch_shape, **factory)
+        validation.check_init_values(weights0, prec0, cov.name)
+        if weights0 is not None:
+            given["log_weights"] = torch.log(weights0.reshape(n_series, k))
+        if means0 is not None:
+            given["means"] = (means0.reshape(n_series, k, d) - shift.unsqueeze(-2)) / scale[:, None, None]
+        if prec0 is not None:
+            prec_chol = cov.prec_chol_from_precision(prec0.reshape(n_series, *prec0.shape[len(batch_shape):]))
+            given["prec_chol"] = cov.rescale(prec_chol, scale.reciprocal())
+        n_restarts = 1 if len(given) == 3 else n_init
+        if len(given) == 3:
+            init = GMMParams(**{name: t.unsqueeze(1) for name, t in given.items()})
+        else:
+            gen = make_generator(random_state)
+            init, _ = initialize(xs, w, k, n_restarts, init_params, cov, reg, gen)
+            init = init._replace(**{name: t.unsqueeze(1).expand_as(getattr(init, name)) for name, t in given.items()})
+    n_restarts = init.log_weights.shape[1]
+
+    # -- EM ---------------------------------------------------------------------------------
+    if chunk_size is None:
+        chunk_size = _auto_chunk(n_series * n_restarts, k, n, d, x.element_size(), memory_budget)
+    with torch.no_grad():
+        run = run_em(xs, w, init, cov, reg, tol, max_iter, chunk_size=chunk_size)
+
+    # -- per member: degenerate? then the best restart per series -----------------------------
+    members = run.params.map(lambda t: t.reshape(n_series, n_restarts, *t.shape[1:]))
+    lb = run.lower_bound.reshape(n_series, n_restarts)
+    failed = run.failed.reshape(n_series, n_restarts)
+    min_var = cov.min_variance(cov.covariance_from_prec_chol(members.prec_chol), k)  # (B, R, K)
+    floor = torch.clamp_min(DEGENERATE_FACTOR * reg, 100 * torch.finfo(x.dtype).eps)
+    degenerate = min_var <= floor[:, None, None]  # (B, R, K)
+
+    finite = torch.isfinite(lb)
+    clean = finite & ~degenerate.any(-1) & ~failed
+
+    def best_of(mask):
+        return torch.where(mask, lb, -torch.inf).argmax(-1)
+
+    best = torch.where(clean.any(-1), best_of(clean), best_of(finite))  # (B,)
+    rows = torch.arange(n_series, device=x.device)
+
+    def pick(t):
+        return t.reshape(n_series, n_restarts, *t.shape[1:])[rows, best]
+
+    params = GMMParams(*(pick(t) for t in run.params))
+    log_scale = torch.log(scale)
+    params = GMMParams(
+        params.log_weights,
+        shift.unsqueeze(-2) + scale[:, None, None] * params.means,
+        cov.rescale(params.prec_chol, scale),
+    )
+    lower_bound = pick(run.lower_bound) - d * log_scale
+    history = pick(run.history) - d * log_scale.unsqueeze(-1)
+    converged, failed_best, degenerate_best = pick(run.converged), pick(run.failed), degenerate[rows, best]
+
+    status = torch.full((n_series,), int(FitStatus.OK), dtype=torch.long, device=x.device)
+    for flag, code in (
+        (~converged, FitStatus.NOT_CONVERGED),
+        (degenerate_best.any(-1), FitStatus.DEGENERATE),
+        (failed_best, FitStatus.DIVERGED),
+        (insufficient, FitStatus.INSUFFICIENT_DATA),
+        (empty, FitStatus.EMPTY),
+    ):
+        status = torch.where(flag, torch.full_like(status, int(code)), status)
+    lower_bound = torch.where(empty, -torch.inf, lower_bound)
+    history = torch.where(empty.unsqueeze(-1), torch.nan, history)
+    n_iter = torch.where(empty, 0, pick(run.n_iter))
+    converged = converged & ~empty & ~failed_best
+    restart_lb = lb - d * log_scale.unsqueeze(-1)
+
+    def unflatten(t):
+        return t.reshape(tuple(batch_shape) + tuple(t.shape[1:]))
+
+    result = FitResult(
+        params=params.map(unflatten),
+        covariance_type=cov.name,
+        lower_bound=unflatten(lower_bound),
+        lower_bounds=unflatten(history),
+        n_iter=unflatten(n_iter),
+        converged=unflatten(converged),
+        status=unflatten(status),
+        degenerate_components=unflatten(degenerate_best),
+        n_samples=unflatten(n_valid),
+        restart_lower_bounds=unflatten(restart_lb),
+        best_restart=unflatten(best),
+        elapsed=run.elapsed,
+        interrupted=run.interrupted,
+    )
+    if warn:
+        result.warn(stacklevel=3, convergence=max_iter > 0)
+    return result

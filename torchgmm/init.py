@@ -1,0 +1,155 @@
+"""Batched initialization: k-means (Lloyd, k-means++ seeded), k-means++ seeds, random
+responsibilities, random distinct data points.
+
+All functions take standardized data ``x (B, N, D)`` with weights ``w (B, N)`` and return
+parameters for ``R`` restarts, ``(B, R, ...)``.
+
+Random draws come from an explicit ``torch.Generator`` and have shape ``(R, ...)``, shared by every
+series of the batch: a series gets the same initialization whether it is fitted alone or inside a
+batch, and whatever its padding. Draws are made on the generator's device and then moved.
+
+Pure tensor functions; no validation here.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+from torch import Tensor
+
+from .covariance import Covariance, get_covariance
+from .density import GMMParams
+from .stats import params_from_responsibilities
+
+__all__ = ["INIT_METHODS", "initialize", "kmeans_plusplus", "kmeans", "make_generator"]
+
+INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
+
+# Lloyd iterations of the k-means initialization (stops earlier once no label changes).
+KMEANS_MAX_ITER = 30
+
+
+def make_generator(random_state, device=None) -> torch.Generator:
+    """A ``torch.Generator`` from ``None`` (fresh entropy), an int seed, or a Generator (used as is)."""
+    if isinstance(random_state, torch.Generator):
+        return random_state
+    gen = torch.Generator(device="cpu")
+    if random_state is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(random_state))
+    return gen
+
+
+def _uniform(shape, gen: torch.Generator, like: Tensor) -> Tensor:
+    return torch.rand(shape, generator=gen, device=gen.device, dtype=torch.float64).to(
+        device=like.device, dtype=like.dtype
+    )
+
+
+def _draw_index(prob: Tensor, u: Tensor) -> Tensor:
+    """Index ``(B, R)`` drawn from unnormalized ``prob (B, R, N)`` by inverse CDF at ``u (R,)``."""
+    cum = prob.cumsum(-1)  # (B, R, N)
+    target = (u.unsqueeze(-1) * cum[..., -1:]).contiguous()  # (B, R, 1)
+    idx = torch.searchsorted(cum.contiguous(), target, right=True).squeeze(-1)
+    return idx.clamp_max(prob.shape[-1] - 1)
+
+
+def _gather_points(x: Tensor, idx: Tensor) -> Tensor:
+    """``x (B, N, D)`` at ``idx (B, R)`` -> ``(B, R, D)``."""
+    batch = torch.arange(x.shape[0], device=x.device).unsqueeze(-1)
+    return x[batch, idx]
+
+
+def _seed_points(x: Tensor, w: Tensor, n_components: int, n_init: int, gen, *, d2_weighting: bool):
+    """K seed points per restart, ``(B, R, K, D)``; and ``distinct_ok (B, R)``.
+
+    The first seed is drawn with probability ``w_n``. Each further seed is drawn with probability
+    ``w_n * d2_n`` (greedy k-means++ as in scikit-learn: ``2 + log K`` candidates, keep the one
+    that lowers the potential most) or ``w_n * [d2_n > 0]`` (uniform among points not equal to a
+    seed), where ``d2_n`` is the squared distance to the nearest seed so far. Where every point
+    coincides with a seed (fewer distinct points than K) the draw falls back to ``w_n`` and
+    ``distinct_ok`` is False.
+    """
+    n_trials = 2 + int(math.log(n_components)) if d2_weighting else 1
+    u = _uniform((n_components, n_trials, n_init), gen, x)  # (K, L, R)
+    base = w.unsqueeze(1).expand(-1, n_init, -1)  # (B, R, N)
+    first = _gather_points(x, _draw_index(base, u[0, 0]))  # (B, R, D)
+    seeds = [first]
+    d2 = (x.unsqueeze(1) - first.unsqueeze(-2)).square().sum(-1)  # (B, R, N)
+    distinct_ok = torch.ones(base.shape[:2], dtype=torch.bool, device=x.device)
+    for k in range(1, n_components):  # sequential by nature; vectorized over series and restarts
+        prob = base * (d2 if d2_weighting else (d2 > 0).to(x.dtype))
+        has_new = prob.sum(-1) > 0  # (B, R)
+        distinct_ok &= has_new
+        prob = torch.where(has_new.unsqueeze(-1), prob, base)
+        cand = torch.stack([_gather_points(x, _draw_index(prob, u[k, t])) for t in range(n_trials)], -2)  # (B, R, L, D)
+        cand_d2 = torch.minimum(d2.unsqueeze(-2), (x[:, None, None] - cand.unsqueeze(-2)).square().sum(-1))  # (B, R, L, N)
+        best = (cand_d2 * base.unsqueeze(-2)).sum(-1).argmin(-1)  # (B, R): lowest potential
+        seeds.append(torch.gather(cand, 2, best[..., None, None].expand(-1, -1, 1, x.shape[-1])).squeeze(2))
+        d2 = torch.gather(cand_d2, 2, best[..., None, None].expand(-1, -1, 1, x.shape[-2])).squeeze(2)
+    return torch.stack(seeds, dim=-2), distinct_ok
+
+
+def kmeans_plusplus(x: Tensor, w: Tensor, n_components: int, n_init: int, gen) -> Tensor:
+    """k-means++ seeds ``(B, R, K, D)`` (weighted D^2 sampling)."""
+    return _seed_points(x, w, n_components, n_init, gen, d2_weighting=True)[0]
+
+
+def kmeans(x: Tensor, w: Tensor, centers: Tensor, max_iter: int = KMEANS_MAX_ITER) -> Tensor:
+    """Weighted Lloyd iterations from ``centers (B, R, K, D)``; returns labels ``(B, R, N)``.
+
+    A cluster that loses all its points keeps its previous center.
+    """
+    x_sq = x.square().sum(-1).unsqueeze(1).unsqueeze(-2)  # (B, 1, 1, N)
+    xt = x.unsqueeze(1).mT  # (B, 1, D, N)
+    labels = None
+    for _ in range(max_iter):
+        d2 = centers.square().sum(-1, keepdim=True) - 2 * (centers @ xt) + x_sq  # (B, R, K, N)
+        new_labels = d2.argmin(-2)  # (B, R, N)
+        if labels is not None and torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+        one_hot = torch.nn.functional.one_hot(labels, centers.shape[-2]).to(x.dtype).mT  # (B, R, K, N)
+        wr = one_hot * w.unsqueeze(1).unsqueeze(-2)
+        nk = wr.sum(-1, keepdim=True)  # (B, R, K, 1)
+        means = (wr @ x.unsqueeze(1)) / nk.clamp_min(torch.finfo(x.dtype).tiny)
+        centers = torch.where(nk > 0, means, centers)
+    return labels
+
+
+def initialize(
+    x: Tensor,
+    w: Tensor,
+    n_components: int,
+    n_init: int,
+    init_params: str,
+    covariance_type: str | Covariance,
+    reg_covar: Tensor,
+    gen: torch.Generator,
+) -> tuple[GMMParams, Tensor]:
+    """Initial parameters ``(B, R, ...)`` and ``distinct_ok (B, R)`` (False where the seeds could
+    not all be distinct points).
+
+    - ``kmeans``: k-means++ seeds, Lloyd iterations, then the M-step of the hard partition
+      (scikit-learn's default, batched).
+    - ``k-means++`` / ``random_from_data``: seed points (greedy D^2-weighted / uniform among
+      distinct points), then the M-step of the partition into nearest-seed cells (one Lloyd
+      assignment). scikit-learn instead starts from the bare seeds with covariances of size
+      ``reg_covar``; its first E-step is then the same nearest-seed assignment, but with equal
+      weights.
+    - ``random``: the M-step of uniform random responsibilities, as in scikit-learn.
+    """
+    cov = get_covariance(covariance_type)
+    reg = reg_covar.unsqueeze(-1)  # (B, 1): broadcasts over restarts
+    if init_params == "random":
+        n = x.shape[-2]
+        u = _uniform((n, n_init, n_components), gen, x).permute(1, 2, 0)  # (R, K, N): prefix-stable in N
+        resp = u / u.sum(-2, keepdim=True)
+        params, ok = params_from_responsibilities(x.unsqueeze(1), w.unsqueeze(1), resp, cov, reg)
+        return params, torch.ones(x.shape[0], n_init, dtype=torch.bool, device=x.device)
+    seeds, distinct_ok = _seed_points(x, w, n_components, n_init, gen, d2_weighting=init_params != "random_from_data")
+    labels = kmeans(x, w, seeds, max_iter=KMEANS_MAX_ITER if init_params == "kmeans" else 1)
+    resp = torch.nn.functional.one_hot(labels, n_components).to(x.dtype).mT  # (B, R, K, N)
+    params, _ = params_from_responsibilities(x.unsqueeze(1), w.unsqueeze(1), resp, cov, reg)
+    return params, distinct_ok

@@ -1,0 +1,144 @@
+"""What a fit returns: per-series status codes and the :class:`FitResult` record."""
+
+from __future__ import annotations
+
+import enum
+import math
+import warnings
+from dataclasses import dataclass
+import torch
+from torch import Tensor
+
+from .covariance import get_covariance
+from .density import GMMParams
+
+__all__ = ["FitStatus", "FitResult", "FitWarning", "ConvergenceWarning", "DegenerateWarning"]
+
+
+class FitWarning(UserWarning):
+    """Base class of torchgmm's warnings about a fit."""
+
+
+class ConvergenceWarning(FitWarning):
+    """Some fits stopped at ``max_iter`` (or were interrupted) before converging."""
+
+
+class DegenerateWarning(FitWarning):
+    """Some fits are degenerate, empty, short of data, or failed numerically (see ``status_``)."""
+
+
+class FitStatus(enum.IntEnum):
+    """Outcome of one series' fit. When several apply, the highest value is reported."""
+
+    OK = 0  #: converged, nothing unusual
+    NOT_CONVERGED = 1  #: stopped at max_iter (or interrupted) before |change| < tol
+    DEGENERATE = 2  #: a component collapsed: smallest variance within 10x reg_covar
+    DIVERGED = 3  #: an M-step failed numerically; the last finite parameters are kept
+    INSUFFICIENT_DATA = 4  #: fewer positive-weight points than components
+    EMPTY = 5  #: no positive-weight point at all; lower bound -inf, placeholder parameters
+
+
+@dataclass
+class FitResult:
+    """Result of fitting a batch of mixtures. Batch shape ``(*B)`` in front of every tensor.
+
+    ``params`` are in the data's units. ``lower_bound`` is the weighted mean log-likelihood per
+    point of the chosen restart (as scikit-learn's ``lower_bound_``: the value before the last
+    M-step); ``lower_bounds`` its per-iteration history, NaN-padded to ``max_iter``.
+    """
+
+    params: GMMParams
+    covariance_type: str
+    lower_bound: Tensor  # (*B,)
+    lower_bounds: Tensor  # (*B, T)
+    n_iter: Tensor  # (*B,) int64
+    converged: Tensor  # (*B,) bool
+    status: Tensor  # (*B,) int64, values of FitStatus
+    degenerate_components: Tensor  # (*B, K) bool
+    n_samples: Tensor  # (*B,) positive-weight points
+    restart_lower_bounds: Tensor  # (*B, R)
+    best_restart: Tensor  # (*B,) int64
+    elapsed: Tensor  # (T,) seconds since the start, at the end of each iteration (whole batch)
+    interrupted: bool = False
+    method: str = "em"
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.lower_bound.shape
+
+    @property
+    def weights(self) -> Tensor:
+        return self.params.log_weights.exp()
+
+    @property
+    def means(self) -> Tensor:
+        return self.params.means
+
+    @property
+    def precisions_cholesky(self) -> Tensor:
+        return self.params.prec_chol
+
+    @property
+    def covariances(self) -> Tensor:
+        return get_covariance(self.covariance_type).covariance_from_prec_chol(self.params.prec_chol)
+
+    @property
+    def precisions(self) -> Tensor:
+        return get_covariance(self.covariance_type).precision_from_prec_chol(self.params.prec_chol)
+
+    def status_counts(self) -> dict[str, int]:
+        counts = torch.bincount(self.status.reshape(-1).cpu(), minlength=len(FitStatus))
+        return {s.name: int(counts[s]) for s in FitStatus if counts[s] > 0}
+
+    def describe(self, index: tuple) -> str:
+        """One line about the series at ``index`` (a tuple into the batch shape)."""
+        status = FitStatus(int(self.status[index]))
+        text = f"{status.name}, {int(self.n_iter[index])} iterations, lower bound {float(self.lower_bound[index]):.6g}"
+        bad = self.degenerate_components[index].nonzero().flatten().tolist()
+        if bad:
+            means = self.params.means[index]
+            var = get_covariance(self.covariance_type).min_variance(self.covariances[index], means.shape[0])
+            parts = []
+            for k in bad:
+                where = ", ".join(f"{v:.6g}" for v in means[k].tolist())
+                parts.append(f"component {k} (weight {float(self.weights[index][k]):.3g}) on ({where}), variance {float(var[k]):.3g}")
+            text += "; collapsed: " + "; ".join(parts)
+        return text
+
+    def summary(self, max_series: int = 5) -> str:
+        """Readable summary: status counts, then the first flagged series, each explained."""
+        n = max(1, math.prod(self.batch_shape))
+        counts = ", ".join(f"{name} {c}" for name, c in self.status_counts().items())
+        lines = [f"{n} fit(s), {self.method}, covariance_type={self.covariance_type!r}: {counts}"]
+        flagged = (self.status != FitStatus.OK).nonzero().tolist()
+        for index in flagged[:max_series]:
+            label = f"series {tuple(index)}" if index else "fit"
+            lines.append(f"  {label}: {self.describe(tuple(index))}")
+        if len(flagged) > max_series:
+            lines.append(f"  ... and {len(flagged) - max_series} more flagged series (see status_)")
+        return "\n".join(lines)
+
+    def warn(self, stacklevel: int = 3, convergence: bool = True) -> None:
+        """One summarized warning per category for the whole batch (never one per series)."""
+        status = self.status.reshape(-1)
+        n = status.numel()
+        bad = status >= FitStatus.DEGENERATE
+        if bool(bad.any()):
+            first = tuple((self.status >= FitStatus.DEGENERATE).nonzero()[0].tolist())
+            label = f"series {first}" if first else "the fit"
+            warnings.warn(
+                f"{int(bad.sum())} of {n} fit(s) are flagged ({self.status_counts()}); "
+                f"{label}: {self.describe(first)}. Inspect status_ and "
+                "summary(); for collapsed components increase reg_covar, use a prior, or reduce n_components.",
+                DegenerateWarning,
+                stacklevel=stacklevel,
+            )
+        unconverged = status == FitStatus.NOT_CONVERGED
+        if convergence and bool(unconverged.any()):
+            why = "the fit was interrupted" if self.interrupted else "max_iter was reached"
+            warnings.warn(
+                f"{int(unconverged.sum())} of {n} fit(s) did not converge ({why}). Try a larger "
+                "max_iter or tol, other init parameters, or check for degenerate data.",
+                ConvergenceWarning,
+                stacklevel=stacklevel,
+            )

@@ -1,0 +1,234 @@
+"""Input checking and every user-facing error message.
+
+Each error names the argument, shows the offending shape or value, and says what to do. The
+numerical core never raises for data problems; it flags them per series (see ``result``).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .covariance import COVARIANCE_TYPES
+
+__all__ = [
+    "check_settings",
+    "as_data",
+    "as_sample_weight",
+    "batched_init",
+    "NotFittedError",
+]
+
+NAN_POLICIES = ("raise", "omit")
+
+
+class NotFittedError(ValueError, AttributeError):
+    """Raised when a method that needs fitted parameters is called before ``fit``."""
+
+
+def _check_number(name, value, *, low, integer=False, low_inclusive=True):
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an int" if integer else "a real number"
+        raise TypeError(f"{name} must be {what}, got {value!r} of type {type(value).__name__}")
+    if not (value >= low if low_inclusive else value > low) or value != value:
+        bound = f">= {low}" if low_inclusive else f"> {low}"
+        raise ValueError(f"{name} must be {bound}, got {name}={value!r}")
+
+
+def check_settings(
+    *,
+    n_components,
+    covariance_type,
+    tol,
+    reg_covar,
+    max_iter,
+    n_init,
+    init_params,
+    nan_policy="raise",
+    init_methods: Sequence[str] = (),
+) -> None:
+    """Validate estimator settings (at fit time, as scikit-learn does)."""
+    _check_number("n_components", n_components, low=1, integer=True)
+    if covariance_type not in COVARIANCE_TYPES:
+        raise ValueError(f"covariance_type={covariance_type!r} is not supported; choose one of {sorted(COVARIANCE_TYPES)}")
+    _check_number("tol", tol, low=0.0)
+    _check_number("reg_covar", reg_covar, low=0.0)
+    _check_number("max_iter", max_iter, low=0, integer=True)
+    _check_number("n_init", n_init, low=1, integer=True)
+    if init_params not in init_methods:
+        raise ValueError(f"init_params={init_params!r} is not supported; choose one of {list(init_methods)}")
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy={nan_policy!r} is not supported; choose one of {list(NAN_POLICIES)}")
+
+
+def _to_tensor(value, name: str) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be numeric array-like, got a {type(value).__name__}")
+    try:
+        array = np.array(value)  # a copy: read-only and memory-mapped inputs are fine
+    except ValueError as err:  # ragged nested lists
+        raise TypeError(
+            f"{name} could not be converted to an array ({err}); ragged series must be padded "
+            "to one length and the padding given zero sample_weight"
+        ) from None
+    if array.dtype == object:
+        raise TypeError(
+            f"{name} has dtype object (ragged nested lists or mixed types?); pass a numeric array. "
+            "Ragged series: pad them to one length and give the padding zero sample_weight"
+        )
+    if array.dtype.kind not in "biuf" or array.dtype.kind == "b":
+        raise TypeError(f"{name} must be real numeric, got dtype {array.dtype}")
+    return torch.from_numpy(array)
+
+
+def _float_dtype(t: Tensor, name: str, dtype: Optional[torch.dtype]) -> torch.dtype:
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must be real numeric, got dtype {t.dtype}; convert it first (e.g. {name}.float())")
+    if dtype is not None:
+        return dtype
+    if t.dtype in (torch.float32, torch.float64):
+        return t.dtype
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32  # Cholesky and the accumulations need float32 at least
+    return torch.get_default_dtype()  # integers
+
+
+def _first_series(mask: Tensor) -> tuple:
+    return tuple(mask.nonzero()[0].tolist())
+
+
+def as_data(
+    X,
+    *,
+    name: str = "X",
+    dtype: Optional[torch.dtype] = None,
+    device=None,
+    n_features: Optional[int] = None,
+    nan_policy: str = "raise",
+    min_samples: int = 1,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """``X`` as a floating tensor ``(*B, N, D)`` (a 1-D ``(N,)`` is one univariate series).
+
+    Returns ``(X, nan_rows)`` where ``nan_rows (*B, N)`` marks points with a NaN when
+    ``nan_policy="omit"`` (those points are then zeroed; give them zero weight), else None.
+    """
+    t = _to_tensor(X, name)
+    if device is not None:
+        t = t.to(device)
+    t = t.detach().to(_float_dtype(t, name, dtype))
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have shape (N,), (N, D) or (*B, N, D); got a scalar")
+    if t.dim() == 1:
+        t = t.unsqueeze(-1)
+    n, d = t.shape[-2], t.shape[-1]
+    if d == 0:
+        raise ValueError(f"{name} has 0 feature(s) (shape={tuple(t.shape)}); a minimum of 1 is required")
+    if n < min_samples or n == 0:
+        raise ValueError(
+            f"{name} has {n} sample(s) (shape={tuple(t.shape)}; n_samples={n}) while a minimum of "
+            f"{max(min_samples, 1)} is required"
+        )
+    if n_features is not None and d != n_features:
+        raise ValueError(
+            f"{name} has {d} features, but the model is expecting {n_features} features "
+            f"(shape={tuple(t.shape)}; the last dim is the feature dim)"
+        )
+    nan_rows = None
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad_point = ~finite.all(-1)  # (*B, N)
+        if nan_policy == "omit":
+            nan_rows = torch.isnan(t).any(-1)
+            bad_point = bad_point & ~nan_rows  # inf stays an error
+        if bool(bad_point.any()):
+            bad_series = bad_point.any(-1)
+            where = ""
+            if bad_series.dim() > 0:
+                where = f" in {int(bad_series.sum())} of {bad_series.numel()} series (first: {_first_series(bad_series)})"
+            hint = "remove or impute them" + ("" if nan_policy == "omit" else ", or pass nan_policy='omit' to treat NaN points as zero-weight padding")
+            kind = "NaN or inf" if nan_policy == "raise" else "inf"
+            raise ValueError(f"{name} contains {kind}{where}; {hint}")
+        if nan_rows is not None:
+            t = torch.where(nan_rows.unsqueeze(-1), torch.zeros((), dtype=t.dtype, device=t.device), t)
+    return t, nan_rows
+
+
+def as_sample_weight(sample_weight, x: Tensor, name: str = "sample_weight") -> Tensor:
+    """Non-negative finite weights ``(*B, N)`` for ``x (*B, N, D)``; ones when None."""
+    shape = x.shape[:-1]
+    if sample_weight is None:
+        return torch.ones(shape, dtype=x.dtype, device=x.device)
+    w = _to_tensor(sample_weight, name)
+    if isinstance(sample_weight, Tensor) and w.device != x.device:
+        raise ValueError(f"{name} is on {w.device} but X is on {x.device}; move one of them (e.g. {name}.to(X.device))")
+    if w.dtype == torch.bool or w.is_complex():
+        raise TypeError(f"{name} must be real numeric (non-negative weights), got dtype {w.dtype}")
+    w = w.detach().to(device=x.device, dtype=x.dtype)
+    if w.shape != shape:
+        try:
+            w = torch.broadcast_to(w, shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name} has shape {tuple(w.shape)} but X has shape {tuple(x.shape)}; "
+                f"{name} must have shape {tuple(shape)} (one weight per point, batch dims in front)"
+            ) from None
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name} contains NaN or inf; weights must be finite and non-negative")
+    if bool((w < 0).any()):
+        raise ValueError(f"{name} contains negative values (min {float(w.min()):.3g}); weights must be non-negative")
+    return w
+
+
+def batched_init(
+    value, name: str, event_shape: tuple, batch_shape: torch.Size, dtype: torch.dtype, device
+) -> Optional[Tensor]:
+    """A user-given initial parameter with event shape ``event_shape`` (e.g. ``(K, D)``), with or
+    without the batch dims, broadcast to ``batch_shape + event_shape``."""
+    if value is None:
+        return None
+    t = _to_tensor(value, name)
+    if isinstance(value, Tensor) and t.device != torch.device(device):
+        raise ValueError(
+            f"{name} is on {t.device} but X is on {torch.device(device)}; move it (e.g. {name}.to(X.device)) "
+            "or pass it as a numpy array"
+        )
+    t = t.detach().to(device=device, dtype=dtype)
+    n_event = len(event_shape)
+    if tuple(t.shape[t.dim() - n_event:]) != tuple(event_shape) or t.dim() < n_event:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)}; expected {tuple(event_shape)} or "
+            f"{tuple(batch_shape) + tuple(event_shape)} (batch dims in front)"
+        )
+    try:
+        return torch.broadcast_to(t, tuple(batch_shape) + tuple(event_shape))
+    except RuntimeError:
+        raise ValueError(
+            f"{name} has batch shape {tuple(t.shape[:-n_event])}, which does not broadcast to the "
+            f"data's batch shape {tuple(batch_shape)}"
+        ) from None
+
+
+def check_init_values(weights: Optional[Tensor], precisions: Optional[Tensor], covariance_type: str) -> None:
+    """``weights_init`` must be a probability vector and ``precisions_init`` positive definite."""
+    if weights is not None:
+        if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
+            raise ValueError("weights_init must be finite and non-negative")
+        total = weights.sum(-1)
+        if not bool(torch.allclose(total, torch.ones_like(total), atol=1e-6 if weights.dtype == torch.float64 else 1e-4)):
+            raise ValueError(f"weights_init must sum to 1 over the components, got sums in [{float(total.min()):.6g}, {float(total.max()):.6g}]")
+    if precisions is not None:
+        if covariance_type in ("full", "tied"):
+            sym = torch.allclose(precisions, precisions.mT, rtol=1e-5, atol=1e-8)
+            ok = sym and bool((torch.linalg.cholesky_ex(precisions).info == 0).all())
+        else:
+            ok = bool((precisions > 0).all()) and bool(torch.isfinite(precisions).all())
+        if not ok:
+            what = "symmetric positive definite" if covariance_type in ("full", "tied") else "positive"
+            raise ValueError(f"precisions_init must be {what} for covariance_type={covariance_type!r}")
