@@ -79,36 +79,43 @@ def best_restart(score: np.ndarray, *arrays: np.ndarray, n_init: int):
     return [np.asarray(a)[idx] for a in arrays]
 
 
-def kmeans_init(X: np.ndarray, K: int, n_init: int, seed: int, reg_covar: float, iters: int = 20):
-    """Harness-side k-means initialization for peers without a usable one (gmm-gpu, gmmx).
+def kmeans_init(X: np.ndarray, K: int, n_init: int, seed: int, reg_covar: float, iters: int = 100):
+    """Harness-side k-means initialization for peers without a usable one (gmm-gpu, gmmx), modelled on
+    scikit-learn's init_params="kmeans" (greedy k-means++ seeding, Lloyd until the labels stop changing,
+    then the hard-assignment M-step).
 
-    Tiles the n_init restarts into the batch axis (dataset-major), seeds k-means++ (D^2 sampling),
-    runs up to `iters` batched Lloyd steps, and returns the hard-assignment M-step
-    (weights (R, K), means (R, K, D), covariances (R, K, D, D)) with R = B * n_init, like
-    scikit-learn's init_params="kmeans". Runs in X's dtype; cost is included in the timing.
+    The n_init restarts are tiled into the batch axis (dataset-major): returns weights (R, K),
+    means (R, K, D), covariances (R, K, D, D) with R = B * n_init, in X's dtype. Adapters call it
+    inside their timed region.
     """
     rng = np.random.default_rng(seed)
     X = np.repeat(X, n_init, axis=0)
     R, N, D = X.shape
     rows = np.arange(R)
-    sq = (X**2).sum(-1)                                             # (R, N)
     C = X[rows, rng.integers(N, size=R)][:, None]                   # (R, 1, D)
-    d2 = ((X - C) ** 2).sum(-1)
-    for _ in range(1, K):
+    d2 = ((X - C) ** 2).sum(-1)                                     # (R, N) distance to closest center
+    for _ in range(1, K):  # greedy k-means++: best of 2 + log K D^2-sampled candidates
         cum = np.cumsum(d2, axis=1)
-        j = (cum < rng.random((R, 1)) * cum[:, -1:]).sum(1).clip(max=N - 1)
-        c = X[rows, j][:, None]
-        C = np.concatenate([C, c], axis=1)
-        d2 = np.minimum(d2, ((X - c) ** 2).sum(-1))
-    for _ in range(iters):
-        dist = sq[..., None] - 2 * X @ C.swapaxes(1, 2) + (C**2).sum(-1)[:, None]
-        resp = np.eye(K, dtype=X.dtype)[dist.argmin(-1)]            # (R, N, K)
-        nk = resp.sum(1)
-        newC = np.where(nk[..., None] > 0, resp.swapaxes(1, 2) @ X / np.maximum(nk, 1)[..., None], C)
-        done = np.allclose(newC, C)
-        C = newC
-        if done:
+        best = None
+        for _ in range(2 + int(np.log(K))):
+            j = (cum < rng.random((R, 1)) * cum[:, -1:]).sum(1).clip(max=N - 1)
+            c = X[rows, j][:, None]
+            nd2 = np.minimum(d2, ((X - c) ** 2).sum(-1))
+            if best is None:
+                best = [c, nd2]
+            else:
+                better = nd2.sum(1) < best[1].sum(1)
+                best = [np.where(better[:, None, None], c, best[0]), np.where(better[:, None], nd2, best[1])]
+        C, d2 = np.concatenate([C, best[0]], axis=1), best[1]
+    sq, labels = (X**2).sum(-1)[..., None], None
+    for _ in range(iters):  # Lloyd
+        new = (sq - 2 * X @ C.swapaxes(1, 2) + (C**2).sum(-1)[:, None]).argmin(-1)
+        if labels is not None and (new == labels).all():
             break
+        labels = new
+        resp = np.eye(K, dtype=X.dtype)[labels]                     # (R, N, K)
+        nk = resp.sum(1)
+        C = np.where(nk[..., None] > 0, resp.swapaxes(1, 2) @ X / np.maximum(nk, 1)[..., None], C)
     nk = resp.sum(1) + 10 * np.finfo(X.dtype).eps
     covs = np.stack([np.einsum("rn,rnd,rne->rde", resp[..., k], X - C[:, k, None], X - C[:, k, None])
                      for k in range(K)], axis=1) / nk[..., None, None]
@@ -157,10 +164,15 @@ def fit_gmm_gpu(X, t: Task) -> FitOut:
     Xn = X.astype(np.float32)
     Xt = torch.as_tensor(np.repeat(Xn, t.n_init, axis=0), device=t.device)
     with Timer(t.device) as tm:
-        w0, m0, c0 = (torch.as_tensor(a, device=t.device)
-                      for a in kmeans_init(Xn, t.K, t.n_init, t.seed, t.reg_covar))
+        w0, m0, c0 = kmeans_init(Xn, t.K, t.n_init, t.seed, t.reg_covar)
+        # precision in float64 with covariance eigenvalues floored at 1e-5, gmm-gpu's own repair for
+        # non-PD covariances: a raw float32 inverse of a near-singular k-means cluster is not PD and
+        # makes its Cholesky raise for the whole batch
+        e, V = np.linalg.eigh(c0.astype(np.float64))
+        p0 = (V / np.maximum(e, 1e-5)[..., None, :]) @ V.swapaxes(-1, -2)
+        w0, m0, p0 = (torch.as_tensor(a, dtype=torch.float32, device=t.device) for a in (w0, m0, p0))
         gm = GMM(t.K, max_iter=t.max_iter, device=t.device, tol=t.tol, reg_covar=t.reg_covar,
-                 means_init=m0, weights_init=w0, precisions_init=torch.linalg.inv(c0),
+                 means_init=m0, weights_init=w0, precisions_init=p0,
                  random_seed=t.seed + 1)  # it ignores a seed of 0
         gm.fit(Xt)
         score = gm.score(Xt).numpy()

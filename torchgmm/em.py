@@ -36,15 +36,16 @@ class MemberRun(NamedTuple):
     converged: Tensor  # (M,) bool
     failed: Tensor  # (M,) bool
     history: Tensor  # (M, T) lower bound per iteration, NaN after the member stopped
+    passes: Tensor  # (M, T) data passes spent so far (density evaluations), NaN after the stop
     elapsed: Tensor  # (T,) seconds since the start, at the end of each iteration
     interrupted: bool
 
 
-# (x, w, w_total, params, cov, reg_covar, chunk_size) -> (new params, lower bound, ok)
+# (x, w, w_total, params, cov, reg_covar, prior, chunk_size) -> (new params, lower bound, ok)
 StepFn = Callable[..., tuple]
 
 
-def em_step(x, w, w_total, params: GMMParams, cov: Covariance, reg_covar, chunk_size=None):
+def em_step(x, w, w_total, params: GMMParams, cov: Covariance, reg_covar, prior=None, chunk_size=None):
     """One EM iteration for every member: ``(new_params, lower_bound (L), ok (L))``.
 
     ``lower_bound`` is the weighted mean log-likelihood of ``params`` (before the update), as in
@@ -52,7 +53,7 @@ def em_step(x, w, w_total, params: GMMParams, cov: Covariance, reg_covar, chunk_
     parameters' leading dims ``L``.
     """
     stats = chunked_sum(lambda xc, wc: e_step_statistics(xc, wc, params, cov), x, w, chunk_size)
-    new, ok = m_step(stats, params.means, cov, reg_covar)
+    new, ok = m_step(stats, params.means, cov, reg_covar, prior)
     return new, stats.log_lik / w_total, ok
 
 
@@ -68,6 +69,11 @@ def _expand_mask(mask: Tensor, like: Tensor) -> Tensor:
 
 def _select(mask: Tensor, a: GMMParams, b: GMMParams) -> GMMParams:
     return GMMParams(*(torch.where(_expand_mask(mask, x), x, y) for x, y in zip(a, b)))
+
+
+def _map_optional(tree, fn):
+    """``fn`` over the tensors of an optional NamedTuple of per-series tensors."""
+    return None if tree is None else type(tree)(*(fn(t) for t in tree))
 
 
 def _all_finite(params: GMMParams, n_lead: int) -> Tensor:
@@ -87,6 +93,7 @@ def run_em(
     tol: float,
     max_iter: int,
     *,
+    prior=None,
     chunk_size: Optional[int] = None,
     step: Optional[StepFn] = None,
     compact_below: float = 0.5,
@@ -94,8 +101,9 @@ def run_em(
 ) -> MemberRun:
     """Run EM for ``init (B, R, ...)`` on standardized ``x (B, N, D)``, weights ``w (B, N)``.
 
-    ``reg_covar (B,)`` is per series (it is rescaled with the data). ``step`` replaces
-    :func:`em_step` (e.g. a ``torch.compile``-d version). Returns a :class:`MemberRun`.
+    ``reg_covar (B,)`` and ``prior`` (a NamedTuple of ``(B, ...)`` tensors, or None) are per
+    series (both are rescaled with the data). ``step`` replaces :func:`em_step` (e.g. a
+    ``torch.compile``-d version). Returns a :class:`MemberRun`.
     """
     cov = get_covariance(covariance_type)
     step = step or em_step
@@ -111,16 +119,18 @@ def run_em(
     out_conv = torch.zeros(m, dtype=torch.bool, device=device)
     out_failed = torch.zeros(m, dtype=torch.bool, device=device)
     history = torch.full((m, max_iter), torch.nan, dtype=dtype, device=device)
+    passes = torch.full((m, max_iter), torch.nan, dtype=dtype, device=device)
     elapsed = torch.full((max_iter,), torch.nan, dtype=torch.float64)
 
     if max_iter == 0:
         lb0 = log_likelihood(x.unsqueeze(1), w.unsqueeze(1), w_total.unsqueeze(1), init, cov, chunk_size)
-        return MemberRun(out, lb0.reshape(m), out_n_iter, out_conv, out_failed, history, elapsed, False)
+        return MemberRun(out, lb0.reshape(m), out_n_iter, out_conv, out_failed, history, passes, elapsed, False)
 
     # Working set, first as (B, R) against data broadcast as (B, 1, N, D) (no copies), later as a
     # flat list of the active members with their data gathered.
     idx = torch.arange(m, device=device)
     xw, ww, wtw, regw = x.unsqueeze(1), w.unsqueeze(1), w_total.unsqueeze(1), reg_covar.unsqueeze(1)
+    priorw = _map_optional(prior, lambda t: t.unsqueeze(1))
     params = init
     lead = (n_series, n_init)
     lb = out_lb.reshape(lead)
@@ -142,12 +152,13 @@ def run_em(
     start = time.perf_counter()
     try:
         for it in range(max_iter):
-            new, ll, ok = step(xw, ww, wtw, params, cov, regw, chunk_size)
+            new, ll, ok = step(xw, ww, wtw, params, cov, regw, priorw, chunk_size)
             ll_ok = torch.isfinite(ll)
             good = active & ok & ll_ok & _all_finite(new, active.dim())
             converged_now = good & ((ll - lb).abs() < tol)
             failed_now = active & ~good
             history[idx, it] = torch.where(active, ll, torch.nan).reshape(-1)
+            passes[idx, it] = torch.where(active, float(it + 1), torch.nan).reshape(-1).to(dtype)
             # One assignment, so that an interrupt leaves a consistent state.
             params, lb, n_iter, conv, failed, active = (
                 _select(good, new, params),
@@ -169,9 +180,10 @@ def run_em(
                 active = torch.ones(len(idx), dtype=torch.bool, device=device)
                 rows = series_of[idx]
                 xw, ww, wtw, regw = x[rows], w[rows], w_total[rows], reg_covar[rows]
+                priorw = _map_optional(prior, lambda t: t[rows])
     except KeyboardInterrupt:
         if not catch_interrupt:
             raise
         interrupted = True
     write_back()
-    return MemberRun(out, out_lb, out_n_iter, out_conv, out_failed, history, elapsed, interrupted)
+    return MemberRun(out, out_lb, out_n_iter, out_conv, out_failed, history, passes, elapsed, interrupted)

@@ -84,6 +84,10 @@ def fit(
     chunk_size: Optional[int] = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     n_features: Optional[int] = None,
+    method: str = "em",
+    optimizer: str = "lbfgs",
+    lr: Optional[float] = None,
+    prior=None,
     warn: bool = True,
 ) -> FitResult:
     """Fit independent Gaussian mixtures to every dataset of ``X (*B, N, D)`` at once.
@@ -94,11 +98,17 @@ def fit(
     ``GaussianMixture``; initial parameters may carry the batch dims or not (broadcast).
     ``warm_start`` (parameters in data units) replaces the initialization. Returns a
     :class:`FitResult` whose tensors have the batch shape ``(*B)`` in front.
+
+    ``method``: ``"em"`` (default), ``"squarem"`` (accelerated EM) or ``"gradient"``
+    (maximum likelihood by ``optimizer`` ``"lbfgs"`` or ``"adam"`` with step size ``lr``, on the
+    same log-density and objective). ``prior``: None, or ``"default"`` for the conjugate prior of
+    Fraley & Raftery (2007) (MAP estimation), or a prior specification accepted by
+    ``torchgmm.prior.make_prior``.
     """
     validation.check_settings(
         n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
         max_iter=max_iter, n_init=n_init, init_params=init_params, nan_policy=nan_policy,
-        init_methods=INIT_METHODS,
+        init_methods=INIT_METHODS, method=method, optimizer=optimizer, lr=lr,
     )
     cov = get_covariance(covariance_type)
     x, nan_rows = validation.as_data(X, dtype=dtype, device=device, n_features=n_features, nan_policy=nan_policy, min_samples=2)
@@ -163,8 +173,22 @@ def fit(
     # -- EM ---------------------------------------------------------------------------------
     if chunk_size is None:
         chunk_size = _auto_chunk(n_series * n_restarts, k, n, d, x.element_size(), memory_budget)
-    with torch.no_grad():
-        run = run_em(xs, w, init, cov, reg, tol, max_iter, chunk_size=chunk_size)
+    prior_s = None
+    if prior is not None:
+        from .prior import make_prior  # standardized units, per series
+
+        prior_s = make_prior(prior, xs, w, k, cov)
+    if method == "gradient":
+        from .gradient import run_gradient
+
+        run = run_gradient(xs, w, init, cov, reg, tol, max_iter, optimizer=optimizer, lr=lr, prior=prior_s, chunk_size=chunk_size)
+    else:
+        if method == "squarem":
+            from .squarem import run_squarem as runner
+        else:
+            runner = run_em
+        with torch.no_grad():
+            run = runner(xs, w, init, cov, reg, tol, max_iter, prior=prior_s, chunk_size=chunk_size)
 
     # -- per member: degenerate? then the best restart per series -----------------------------
     members = run.params.map(lambda t: t.reshape(n_series, n_restarts, *t.shape[1:]))
@@ -195,6 +219,7 @@ def fit(
     )
     lower_bound = pick(run.lower_bound) - d * log_scale
     history = pick(run.history) - d * log_scale.unsqueeze(-1)
+    passes = pick(run.passes)
     converged, failed_best, degenerate_best = pick(run.converged), pick(run.failed), degenerate[rows, best]
 
     status = torch.full((n_series,), int(FitStatus.OK), dtype=torch.long, device=x.device)
@@ -220,6 +245,7 @@ def fit(
         covariance_type=cov.name,
         lower_bound=unflatten(lower_bound),
         lower_bounds=unflatten(history),
+        passes=unflatten(passes),
         n_iter=unflatten(n_iter),
         converged=unflatten(converged),
         status=unflatten(status),
@@ -229,6 +255,7 @@ def fit(
         best_restart=unflatten(best),
         elapsed=run.elapsed,
         interrupted=run.interrupted,
+        method=method,
     )
     if warn:
         result.warn(stacklevel=3, convergence=max_iter > 0)

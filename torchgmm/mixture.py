@@ -42,6 +42,9 @@ class GaussianMixture(nn.Module):
     ``nan_policy`` ("raise", or "omit": NaN points become zero-weight padding), ``chunk_size`` /
     ``memory_budget`` (points per E-step chunk; by default sized from the budget in bytes).
     ``random_state`` is an int or a ``torch.Generator``; the same seed gives the same CPU result.
+    ``method`` is ``"em"``, ``"squarem"`` (accelerated EM) or ``"gradient"`` (``optimizer``
+    ``"lbfgs"`` or ``"adam"``, step size ``lr``); ``prior="default"`` turns on MAP estimation
+    with the Fraley & Raftery (2007) conjugate prior.
     """
 
     def __init__(
@@ -65,6 +68,10 @@ class GaussianMixture(nn.Module):
         nan_policy: str = "raise",
         chunk_size: Optional[int] = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        method: str = "em",
+        optimizer: str = "lbfgs",
+        lr: Optional[float] = None,
+        prior=None,
     ):
         super().__init__()
         self.n_components = n_components
@@ -85,6 +92,10 @@ class GaussianMixture(nn.Module):
         self.nan_policy = nan_policy
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
+        self.method = method
+        self.optimizer = optimizer
+        self.lr = lr
+        self.prior = prior
         self.result_: Optional[FitResult] = None
         for name in _PARAMETERS:
             self.register_parameter(name, None)
@@ -200,6 +211,10 @@ class GaussianMixture(nn.Module):
             warm_start=warm,
             chunk_size=self.chunk_size,
             memory_budget=self.memory_budget,
+            method=self.method,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            prior=self.prior,
             warn=True,
         )
         self._set_result(result)

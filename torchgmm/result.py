@@ -44,13 +44,15 @@ class FitResult:
 
     ``params`` are in the data's units. ``lower_bound`` is the weighted mean log-likelihood per
     point of the chosen restart (as scikit-learn's ``lower_bound_``: the value before the last
-    M-step); ``lower_bounds`` its per-iteration history, NaN-padded to ``max_iter``.
+    M-step); ``lower_bounds`` its per-iteration history, NaN-padded to ``max_iter``, with the data
+    passes spent (``passes``) and the wall time of the whole batch (``elapsed``) alongside.
     """
 
     params: GMMParams
     covariance_type: str
     lower_bound: Tensor  # (*B,)
     lower_bounds: Tensor  # (*B, T)
+    passes: Tensor  # (*B, T) cumulative data passes (density evaluations) at each iteration
     n_iter: Tensor  # (*B,) int64
     converged: Tensor  # (*B,) bool
     status: Tensor  # (*B,) int64, values of FitStatus

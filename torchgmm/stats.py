@@ -60,7 +60,7 @@ def e_step_statistics(
 
 
 def m_step(
-    stats: Stats, ref: Tensor, covariance_type: str | Covariance, reg_covar: Tensor
+    stats: Stats, ref: Tensor, covariance_type: str | Covariance, reg_covar: Tensor, prior=None
 ) -> tuple[GMMParams, Tensor]:
     """Parameters from summed statistics about ``ref (*B, K, D)``; and ``ok (*B)``.
 
@@ -68,7 +68,12 @@ def m_step(
     is added to ``nk`` so that an empty component keeps finite parameters (its mean stays at the
     reference, its covariance is ``reg_covar``, its weight is ~0). ``ok`` is False where a
     covariance was not positive definite even after jitter.
+
+    ``prior`` (a conjugate prior with a ``m_step`` method of this signature, batch ``(*B)``)
+    turns this into the MAP M-step.
     """
+    if prior is not None:
+        return prior.m_step(stats, ref, covariance_type, reg_covar)
     cov = get_covariance(covariance_type)
     nk = stats.nk + 10 * torch.finfo(stats.nk.dtype).eps  # (*B, K)
     shift = stats.sum_diff / nk.unsqueeze(-1)  # (*B, K, D)

@@ -24,6 +24,8 @@ __all__ = [
 ]
 
 NAN_POLICIES = ("raise", "omit")
+METHODS = ("em", "squarem", "gradient")
+OPTIMIZERS = ("lbfgs", "adam")
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -51,6 +53,9 @@ def check_settings(
     init_params,
     nan_policy="raise",
     init_methods: Sequence[str] = (),
+    method="em",
+    optimizer="lbfgs",
+    lr=None,
 ) -> None:
     """Validate estimator settings (at fit time, as scikit-learn does)."""
     _check_number("n_components", n_components, low=1, integer=True)
@@ -62,6 +67,12 @@ def check_settings(
     _check_number("n_init", n_init, low=1, integer=True)
     if init_params not in init_methods:
         raise ValueError(f"init_params={init_params!r} is not supported; choose one of {list(init_methods)}")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; choose one of {list(METHODS)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not supported; choose one of {list(OPTIMIZERS)}")
+    if lr is not None:
+        _check_number("lr", lr, low=0.0, low_inclusive=False)
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy={nan_policy!r} is not supported; choose one of {list(NAN_POLICIES)}")
 
