@@ -30,6 +30,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._ops import matmul
+
 __all__ = ["Covariance", "COVARIANCE_TYPES", "get_covariance", "cholesky_with_jitter"]
 
 # How often a failed Cholesky factorization is retried, each time with 10x more jitter.
@@ -44,6 +46,9 @@ def cholesky_with_jitter(matrix: Tensor, jitter: Tensor) -> tuple[Tensor, Tensor
     Returns ``(L, ok)`` with ``ok`` of shape ``matrix.shape[:-2]``; where ``ok`` is False, ``L`` is
     the identity (finite, never NaN) and the caller decides what to do with that member.
     """
+    if matrix.shape[-1] == 1:  # univariate: a square root, without LAPACK's per-matrix overhead
+        ok = (matrix > 0).squeeze(-1).squeeze(-1)
+        return torch.where(matrix > 0, matrix, torch.ones_like(matrix)).sqrt(), ok
     chol, info = torch.linalg.cholesky_ex(matrix)
     ok = info == 0
     if not bool(ok.all()):
@@ -65,6 +70,8 @@ def cholesky_with_jitter(matrix: Tensor, jitter: Tensor) -> tuple[Tensor, Tensor
 def _prec_chol_from_cov_matrix(cov: Tensor, jitter: Tensor) -> tuple[Tensor, Tensor]:
     """Upper-triangular U with ``U U^T = cov^-1`` for ``cov (..., D, D)``; and the ok mask."""
     chol, ok = cholesky_with_jitter(cov, jitter)
+    if cov.shape[-1] == 1:
+        return chol.reciprocal(), ok
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
     inv_chol = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
     return inv_chol.mT, ok
@@ -72,6 +79,8 @@ def _prec_chol_from_cov_matrix(cov: Tensor, jitter: Tensor) -> tuple[Tensor, Ten
 
 def _cov_from_prec_chol_matrix(prec_chol: Tensor) -> Tensor:
     """``(U U^T)^-1`` for triangular ``U (..., D, D)``, computed from the triangular inverse."""
+    if prec_chol.shape[-1] == 1:
+        return prec_chol.square().reciprocal()
     eye = torch.eye(prec_chol.shape[-1], dtype=prec_chol.dtype, device=prec_chol.device)
     inv = torch.linalg.solve_triangular(prec_chol, eye.expand_as(prec_chol), upper=True)
     return inv.mT @ inv
@@ -187,11 +196,11 @@ class Full(Covariance):
         return torch.log(torch.diagonal(prec_chol, dim1=-2, dim2=-1)).sum(-1)
 
     def mahalanobis(self, diff, prec_chol):
-        y = diff @ prec_chol  # (*B, K, N, D) @ (*B, K, D, D)
+        y = matmul(diff, prec_chol)  # (*B, K, N, D) @ (*B, K, D, D)
         return y.square().sum(-1)
 
     def scatter(self, diff, resp):
-        return (diff * resp.unsqueeze(-1)).mT @ diff  # (*B, K, D, D)
+        return matmul((diff * resp.unsqueeze(-1)).mT, diff)  # (*B, K, D, D)
 
     def covariance(self, nk, shift, scatter, reg_covar):
         cov = scatter / nk[..., None, None] - shift.unsqueeze(-1) * shift.unsqueeze(-2)
@@ -275,7 +284,7 @@ class Diag(Covariance):
         return (diff * prec_chol.unsqueeze(-2)).square().sum(-1)
 
     def scatter(self, diff, resp):
-        return torch.einsum("...kn,...knd->...kd", resp, diff.square())
+        return matmul(resp.unsqueeze(-2), diff.square()).squeeze(-2)  # (*B, K, D)
 
     def covariance(self, nk, shift, scatter, reg_covar):
         var = (scatter / nk[..., None] - shift.square()).clamp_min(0.0)

@@ -14,12 +14,14 @@ Data arrive standardized (see ``fit``); no validation and no messages here.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from ._compile import compiled
 from .covariance import Covariance, get_covariance
 from .density import GMMParams
 from .stats import chunked_sum, e_step_statistics, m_step
@@ -45,14 +47,18 @@ class MemberRun(NamedTuple):
 StepFn = Callable[..., tuple]
 
 
-def em_step(x, w, w_total, params: GMMParams, cov: Covariance, reg_covar, prior=None, chunk_size=None):
+def em_step(
+    x, w, w_total, params: GMMParams, cov: Covariance, reg_covar, prior=None, chunk_size=None,
+    stats_fn=e_step_statistics,
+):
     """One EM iteration for every member: ``(new_params, lower_bound (L), ok (L))``.
 
     ``lower_bound`` is the weighted mean log-likelihood of ``params`` (before the update), as in
     scikit-learn. ``x (..., N, D)``, ``w (..., N)`` and ``w_total (...)`` broadcast against the
-    parameters' leading dims ``L``.
+    parameters' leading dims ``L``. ``stats_fn`` is :func:`e_step_statistics` or its compiled
+    twin.
     """
-    stats = chunked_sum(lambda xc, wc: e_step_statistics(xc, wc, params, cov), x, w, chunk_size)
+    stats = chunked_sum(lambda xc, wc: stats_fn(xc, wc, params, cov), x, w, chunk_size)
     new, ok = m_step(stats, params.means, cov, reg_covar, prior)
     return new, stats.log_lik / w_total, ok
 
@@ -96,17 +102,22 @@ def run_em(
     prior=None,
     chunk_size: Optional[int] = None,
     step: Optional[StepFn] = None,
+    compile: bool = False,
+    prune_after: Optional[int] = None,
     compact_below: float = 0.5,
     catch_interrupt: bool = True,
 ) -> MemberRun:
     """Run EM for ``init (B, R, ...)`` on standardized ``x (B, N, D)``, weights ``w (B, N)``.
 
     ``reg_covar (B,)`` and ``prior`` (a NamedTuple of ``(B, ...)`` tensors, or None) are per
-    series (both are rescaled with the data). ``step`` replaces :func:`em_step` (e.g. a
-    ``torch.compile``-d version). Returns a :class:`MemberRun`.
+    series (both are rescaled with the data). ``step`` replaces :func:`em_step`; ``compile``
+    fuses the E-step and statistics with ``torch.compile``. ``prune_after``: after that many
+    iterations only the best restart of each series (highest lower bound so far) goes on; the
+    others stop where they are (not converged). Returns a :class:`MemberRun`.
     """
     cov = get_covariance(covariance_type)
-    step = step or em_step
+    if step is None:
+        step = functools.partial(em_step, stats_fn=compiled(e_step_statistics) if compile else e_step_statistics)
     n_series, n_init = init.log_weights.shape[:2]
     m = n_series * n_init
     device, dtype = x.device, x.dtype
@@ -169,12 +180,20 @@ def run_em(
                 active & ~converged_now & ~failed_now,
             )
             elapsed[it] = time.perf_counter() - start
+            if prune_after is not None and it + 1 == prune_after and n_init > 1:
+                write_back()
+                score = torch.where(out_failed, -torch.inf, out_lb).reshape(n_series, n_init)
+                keep = torch.zeros_like(score, dtype=torch.bool)
+                keep[torch.arange(n_series, device=device), score.argmax(-1)] = True
+                active = active & keep.reshape(-1)[idx].reshape(active.shape)
             n_active = int(active.sum())
             if n_active == 0:
                 break
             if n_active <= compact_below * active.numel():
                 write_back()
                 idx = idx[active.reshape(-1)]
+                if len(idx) == 1:  # keep >= 2 rows: a batch of 1 would recompile the fused step
+                    idx = idx.repeat(2)  # (the twin rows compute and write back identical values)
                 params = out.map(lambda t: t[idx])
                 lb, n_iter, conv, failed = out_lb[idx], out_n_iter[idx], out_conv[idx], out_failed[idx]
                 active = torch.ones(len(idx), dtype=torch.bool, device=device)

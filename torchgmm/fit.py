@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import validation
+from ._compile import should_compile
 from .covariance import get_covariance
 from .density import GMMParams
 from .em import run_em
@@ -44,14 +45,20 @@ def standardize(x: Tensor, w: Tensor, reg_covar: float) -> tuple[Tensor, Tensor,
     features (one number, so every covariance type maps back exactly), floored at
     ``sqrt(reg_covar)`` so that a constant or tiny-scale series never divides by ~0.
     """
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    valid = w.unsqueeze(-1) > 0  # (B, N, 1); padding may hold anything finite, however large
     w_total = w.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)  # (B, 1)
-    shift = (w.unsqueeze(-1) * x).sum(-2) / w_total  # (B, D)
-    centred = x - shift.unsqueeze(-2)
-    var = (w.unsqueeze(-1) * centred.square()).sum(-2) / w_total  # (B, D)
-    scale = var.mean(-1).sqrt()
+    # Sums of values and squares are taken relative to the largest magnitude, so they cannot
+    # overflow even where x**2 would (|x| > 1.8e19 in float32).
+    big = torch.where(valid, x.abs(), zero).amax((-2, -1)).clamp_min(torch.finfo(x.dtype).tiny)  # (B,)
+    shift = (w.unsqueeze(-1) * torch.where(valid, x / big[:, None, None], zero)).sum(-2) / w_total * big[:, None]  # (B, D)
+    centred = torch.where(valid, x - shift.unsqueeze(-2), zero)
+    spread = centred.abs().amax((-2, -1)).clamp_min(torch.finfo(x.dtype).tiny)  # (B,)
+    var = (w.unsqueeze(-1) * (centred / spread[:, None, None]).square()).sum(-2) / w_total  # (B, D), in spread^2
+    scale = var.mean(-1).sqrt() * spread
     scale = torch.maximum(scale, torch.full_like(scale, math.sqrt(reg_covar)))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    xs = torch.where(w.unsqueeze(-1) > 0, centred / scale[:, None, None], torch.zeros((), dtype=x.dtype, device=x.device))
+    xs = centred / scale[:, None, None]
     return xs, shift, scale, reg_covar / scale.square()
 
 
@@ -88,6 +95,8 @@ def fit(
     optimizer: str = "lbfgs",
     lr: Optional[float] = None,
     prior=None,
+    compile="auto",
+    prune_after: Optional[int] = None,
     warn: bool = True,
 ) -> FitResult:
     """Fit independent Gaussian mixtures to every dataset of ``X (*B, N, D)`` at once.
@@ -103,7 +112,8 @@ def fit(
     (maximum likelihood by ``optimizer`` ``"lbfgs"`` or ``"adam"`` with step size ``lr``, on the
     same log-density and objective). ``prior``: None, or ``"default"`` for the conjugate prior of
     Fraley & Raftery (2007) (MAP estimation), or a prior specification accepted by
-    ``torchgmm.prior.make_prior``.
+    ``torchgmm.prior.make_prior``. ``compile``: fuse the hot loops with ``torch.compile``
+    (True/False; "auto" compiles when the expected work outweighs the one-off compile time).
     """
     validation.check_settings(
         n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
@@ -136,6 +146,13 @@ def fit(
     w = w * (n_valid.clamp_min(1) / w.sum(-1)).unsqueeze(-1).to(x.dtype)  # weights in units of points
 
     xs, shift, scale, reg = standardize(x, w, reg_covar)
+    too_big = scale.square() > torch.finfo(x.dtype).max / 16
+    if bool(too_big.any()):
+        where = f" (first: series {tuple(torch.unravel_index(too_big.nonzero()[0, 0], batch_shape))})" if batch_shape else ""
+        raise ValueError(
+            f"X has a spread of {float(scale.max()):.3g}{where}, whose variance overflows {x.dtype}; "
+            "rescale the data" + (" or pass float64 (e.g. X.double())" if x.dtype != torch.float64 else "")
+        )
 
     def to_standard(params: GMMParams) -> GMMParams:
         return GMMParams(
@@ -145,6 +162,7 @@ def fit(
         )
 
     # -- initialization --------------------------------------------------------------------
+    use_compile = should_compile(compile, x.device, float(n_series) * n_init * n * k * max(max_iter, 1))
     given = {}
     if warm_start is not None:
         start = to_standard(GMMParams(*(t.reshape(n_series, *t.shape[len(batch_shape):]).to(**factory) for t in warm_start)))
@@ -166,7 +184,7 @@ def fit(
             init = GMMParams(**{name: t.unsqueeze(1) for name, t in given.items()})
         else:
             gen = make_generator(random_state)
-            init, _ = initialize(xs, w, k, n_restarts, init_params, cov, reg, gen)
+            init, _ = initialize(xs, w, k, n_restarts, init_params, cov, reg, gen, compile=use_compile)
             init = init._replace(**{name: t.unsqueeze(1).expand_as(getattr(init, name)) for name, t in given.items()})
     n_restarts = init.log_weights.shape[1]
 
@@ -188,7 +206,8 @@ def fit(
         else:
             runner = run_em
         with torch.no_grad():
-            run = runner(xs, w, init, cov, reg, tol, max_iter, prior=prior_s, chunk_size=chunk_size)
+            extra = {"compile": use_compile, "prune_after": prune_after} if method == "em" else {}
+            run = runner(xs, w, init, cov, reg, tol, max_iter, prior=prior_s, chunk_size=chunk_size, **extra)
 
     # -- per member: degenerate? then the best restart per series -----------------------------
     members = run.params.map(lambda t: t.reshape(n_series, n_restarts, *t.shape[1:]))

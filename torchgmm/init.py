@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._compile import compiled
+from ._ops import matmul
 from .covariance import Covariance, get_covariance
 from .density import GMMParams
 from .stats import params_from_responsibilities
@@ -26,7 +28,7 @@ __all__ = ["INIT_METHODS", "initialize", "kmeans_plusplus", "kmeans", "make_gene
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
 
 # Lloyd iterations of the k-means initialization (stops earlier once no label changes).
-KMEANS_MAX_ITER = 30
+KMEANS_MAX_ITER = 5
 
 
 def make_generator(random_state, device=None) -> torch.Generator:
@@ -48,20 +50,40 @@ def _uniform(shape, gen: torch.Generator, like: Tensor) -> Tensor:
 
 
 def _draw_index(prob: Tensor, u: Tensor) -> Tensor:
-    """Index ``(B, R)`` drawn from unnormalized ``prob (B, R, N)`` by inverse CDF at ``u (R,)``."""
-    cum = prob.cumsum(-1)  # (B, R, N)
-    target = (u.unsqueeze(-1) * cum[..., -1:]).contiguous()  # (B, R, 1)
-    idx = torch.searchsorted(cum.contiguous(), target, right=True).squeeze(-1)
+    """Indices drawn from unnormalized ``prob (..., N)`` by inverse CDF at ``u`` (broadcasts
+    against ``prob[..., :1]``). Written as a count, not a search, so that it fuses."""
+    cum = prob.cumsum(-1)
+    idx = (cum <= u * cum[..., -1:]).sum(-1)  # first index whose cumulative mass exceeds the target
     return idx.clamp_max(prob.shape[-1] - 1)
 
 
 def _gather_points(x: Tensor, idx: Tensor) -> Tensor:
-    """``x (B, N, D)`` at ``idx (B, R)`` -> ``(B, R, D)``."""
-    batch = torch.arange(x.shape[0], device=x.device).unsqueeze(-1)
+    """``x (B, N, D)`` at ``idx (B, ...)`` -> ``(B, ..., D)``."""
+    batch = torch.arange(x.shape[0], device=x.device).reshape((-1,) + (1,) * (idx.dim() - 1))
     return x[batch, idx]
 
 
-def _seed_points(x: Tensor, w: Tensor, n_components: int, n_init: int, gen, *, d2_weighting: bool):
+def _seed_step(x: Tensor, base: Tensor, d2: Tensor, u: Tensor, d2_weighting: bool):
+    """Draw the next seed for every restart: ``(seed (B, R, D), d2 (B, R, N), has_new (B, R))``.
+
+    ``base (B, R, N)`` point weights, ``d2 (B, R, N)`` squared distance to the nearest seed so far,
+    ``u (R, L)`` uniforms for ``L`` candidates; the candidate that lowers the potential
+    ``sum_n base_n d2_n`` most is kept (greedy k-means++).
+    """
+    prob = base * (d2 if d2_weighting else (d2 > 0).to(base.dtype))
+    has_new = prob.sum(-1) > 0
+    prob = torch.where(has_new.unsqueeze(-1), prob, base)
+    idx = _draw_index(prob.unsqueeze(-2), u.unsqueeze(-1))  # (B, R, L)
+    cand = _gather_points(x, idx)  # (B, R, L, D)
+    cand_d2 = (x.unsqueeze(1).unsqueeze(1) - cand.unsqueeze(-2)).square().sum(-1)  # (B, R, L, N)
+    cand_d2 = torch.minimum(d2.unsqueeze(-2), cand_d2)
+    best = (cand_d2 * base.unsqueeze(-2)).sum(-1).argmin(-1, keepdim=True)  # (B, R, 1)
+    seed = torch.gather(cand, 2, best.unsqueeze(-1).expand(-1, -1, 1, cand.shape[-1])).squeeze(2)
+    d2 = torch.gather(cand_d2, 2, best.unsqueeze(-1).expand(-1, -1, 1, cand_d2.shape[-1])).squeeze(2)
+    return seed, d2, has_new
+
+
+def _seed_points(x: Tensor, w: Tensor, n_components: int, n_init: int, gen, *, d2_weighting: bool, compile: bool = False):
     """K seed points per restart, ``(B, R, K, D)``; and ``distinct_ok (B, R)``.
 
     The first seed is drawn with probability ``w_n``. Each further seed is drawn with probability
@@ -72,22 +94,18 @@ def _seed_points(x: Tensor, w: Tensor, n_components: int, n_init: int, gen, *, d
     ``distinct_ok`` is False.
     """
     n_trials = 2 + int(math.log(n_components)) if d2_weighting else 1
-    u = _uniform((n_components, n_trials, n_init), gen, x)  # (K, L, R)
+    u = _uniform((n_components, n_init, n_trials), gen, x)  # (K, R, L)
     base = w.unsqueeze(1).expand(-1, n_init, -1)  # (B, R, N)
-    first = _gather_points(x, _draw_index(base, u[0, 0]))  # (B, R, D)
-    seeds = [first]
-    d2 = (x.unsqueeze(1) - first.unsqueeze(-2)).square().sum(-1)  # (B, R, N)
+    step = compiled(_seed_step) if compile else _seed_step
+    # The first seed: drawn by weight alone (every point "new", at infinite distance), one candidate.
+    d2 = torch.full_like(base, torch.inf)
+    seed, d2, _ = step(x, base, d2, u[0, :, :1], False)
+    seeds = [seed]
     distinct_ok = torch.ones(base.shape[:2], dtype=torch.bool, device=x.device)
     for k in range(1, n_components):  # sequential by nature; vectorized over series and restarts
-        prob = base * (d2 if d2_weighting else (d2 > 0).to(x.dtype))
-        has_new = prob.sum(-1) > 0  # (B, R)
+        seed, d2, has_new = step(x, base, d2, u[k], d2_weighting)
+        seeds.append(seed)
         distinct_ok &= has_new
-        prob = torch.where(has_new.unsqueeze(-1), prob, base)
-        cand = torch.stack([_gather_points(x, _draw_index(prob, u[k, t])) for t in range(n_trials)], -2)  # (B, R, L, D)
-        cand_d2 = torch.minimum(d2.unsqueeze(-2), (x[:, None, None] - cand.unsqueeze(-2)).square().sum(-1))  # (B, R, L, N)
-        best = (cand_d2 * base.unsqueeze(-2)).sum(-1).argmin(-1)  # (B, R): lowest potential
-        seeds.append(torch.gather(cand, 2, best[..., None, None].expand(-1, -1, 1, x.shape[-1])).squeeze(2))
-        d2 = torch.gather(cand_d2, 2, best[..., None, None].expand(-1, -1, 1, x.shape[-2])).squeeze(2)
     return torch.stack(seeds, dim=-2), distinct_ok
 
 
@@ -96,25 +114,39 @@ def kmeans_plusplus(x: Tensor, w: Tensor, n_components: int, n_init: int, gen) -
     return _seed_points(x, w, n_components, n_init, gen, d2_weighting=True)[0]
 
 
-def kmeans(x: Tensor, w: Tensor, centers: Tensor, max_iter: int = KMEANS_MAX_ITER) -> Tensor:
+def _one_hot(labels: Tensor, n_components: int, dtype) -> Tensor:
+    """Hard responsibilities ``(..., K, N)`` from ``labels (..., N)``."""
+    ks = torch.arange(n_components, device=labels.device).unsqueeze(-1)  # (K, 1)
+    return (labels.unsqueeze(-2) == ks).to(dtype)
+
+
+def kmeans_step(x: Tensor, w: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
+    """One weighted Lloyd step: ``(labels (B, R, N), new centers (B, R, K, D))``.
+
+    ``x (B, 1, N, D)``, ``w (B, 1, N)``. A cluster that loses all its points keeps its center.
+    """
+    # Squared distances with K last: argmin over the contiguous axis is fast.
+    d2 = matmul(x, centers.mT) * -2 + centers.square().sum(-1).unsqueeze(-2)  # (B, R, N, K); |x|^2 omitted
+    labels = d2.argmin(-1)  # (B, R, N)
+    wr = _one_hot(labels, centers.shape[-2], x.dtype) * w.unsqueeze(-2)  # (B, R, K, N)
+    nk = wr.sum(-1, keepdim=True)  # (B, R, K, 1)
+    means = matmul(wr, x) / nk.clamp_min(torch.finfo(x.dtype).tiny)
+    return labels, torch.where(nk > 0, means, centers)
+
+
+def kmeans(x: Tensor, w: Tensor, centers: Tensor, max_iter: int = KMEANS_MAX_ITER, compile: bool = False) -> Tensor:
     """Weighted Lloyd iterations from ``centers (B, R, K, D)``; returns labels ``(B, R, N)``.
 
-    A cluster that loses all its points keeps its previous center.
+    ``x (B, N, D)``, ``w (B, N)``. Stops when no label changes anywhere in the batch.
     """
-    x_sq = x.square().sum(-1).unsqueeze(1).unsqueeze(-2)  # (B, 1, 1, N)
-    xt = x.unsqueeze(1).mT  # (B, 1, D, N)
+    step = compiled(kmeans_step) if compile else kmeans_step
+    xb, wb = x.unsqueeze(1), w.unsqueeze(1)
     labels = None
     for _ in range(max_iter):
-        d2 = centers.square().sum(-1, keepdim=True) - 2 * (centers @ xt) + x_sq  # (B, R, K, N)
-        new_labels = d2.argmin(-2)  # (B, R, N)
+        new_labels, centers = step(xb, wb, centers)
         if labels is not None and torch.equal(new_labels, labels):
             break
         labels = new_labels
-        one_hot = torch.nn.functional.one_hot(labels, centers.shape[-2]).to(x.dtype).mT  # (B, R, K, N)
-        wr = one_hot * w.unsqueeze(1).unsqueeze(-2)
-        nk = wr.sum(-1, keepdim=True)  # (B, R, K, 1)
-        means = (wr @ x.unsqueeze(1)) / nk.clamp_min(torch.finfo(x.dtype).tiny)
-        centers = torch.where(nk > 0, means, centers)
     return labels
 
 
@@ -127,6 +159,7 @@ def initialize(
     covariance_type: str | Covariance,
     reg_covar: Tensor,
     gen: torch.Generator,
+    compile: bool = False,
 ) -> tuple[GMMParams, Tensor]:
     """Initial parameters ``(B, R, ...)`` and ``distinct_ok (B, R)`` (False where the seeds could
     not all be distinct points).
@@ -148,8 +181,10 @@ def initialize(
         resp = u / u.sum(-2, keepdim=True)
         params, ok = params_from_responsibilities(x.unsqueeze(1), w.unsqueeze(1), resp, cov, reg)
         return params, torch.ones(x.shape[0], n_init, dtype=torch.bool, device=x.device)
-    seeds, distinct_ok = _seed_points(x, w, n_components, n_init, gen, d2_weighting=init_params != "random_from_data")
-    labels = kmeans(x, w, seeds, max_iter=KMEANS_MAX_ITER if init_params == "kmeans" else 1)
-    resp = torch.nn.functional.one_hot(labels, n_components).to(x.dtype).mT  # (B, R, K, N)
+    seeds, distinct_ok = _seed_points(
+        x, w, n_components, n_init, gen, d2_weighting=init_params != "random_from_data", compile=compile
+    )
+    labels = kmeans(x, w, seeds, max_iter=KMEANS_MAX_ITER if init_params == "kmeans" else 1, compile=compile)
+    resp = _one_hot(labels, n_components, x.dtype)  # (B, R, K, N)
     params, _ = params_from_responsibilities(x.unsqueeze(1), w.unsqueeze(1), resp, cov, reg)
     return params, distinct_ok

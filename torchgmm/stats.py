@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ._ops import matmul
 from .covariance import Covariance, get_covariance
 from .density import GMMParams, joint_log_prob
 
@@ -37,7 +38,7 @@ class Stats(NamedTuple):
 def statistics(diff: Tensor, resp: Tensor, cov: Covariance, log_lik: Optional[Tensor] = None) -> Stats:
     """Statistics from ``diff = x - ref (*B, K, N, D)`` and weighted ``resp (*B, K, N)``."""
     nk = resp.sum(-1)  # (*B, K)
-    sum_diff = torch.einsum("...kn,...knd->...kd", resp, diff)  # (*B, K, D)
+    sum_diff = matmul(resp.unsqueeze(-2), diff).squeeze(-2)  # (*B, K, D)
     scatter = cov.scatter(diff, resp)
     if log_lik is None:
         log_lik = torch.zeros(nk.shape[:-1], dtype=nk.dtype, device=nk.device)
@@ -107,6 +108,6 @@ def params_from_responsibilities(
     cov = get_covariance(covariance_type)
     wr = resp * w.unsqueeze(-2)  # (*B, K, N)
     nk = wr.sum(-1) + 10 * torch.finfo(wr.dtype).eps
-    means = (wr @ x) / nk.unsqueeze(-1)  # (*B, K, D)
+    means = matmul(wr, x) / nk.unsqueeze(-1)  # (*B, K, D)
     diff = x.unsqueeze(-3) - means.unsqueeze(-2)  # (*B, K, N, D)
     return m_step(statistics(diff, wr, cov), means, cov, reg_covar)
