@@ -4,6 +4,7 @@ One ``fit`` call fits thousands of independent mixtures (each with restarts) as 
 CPU or CUDA. See ``GaussianMixture`` (the nn.Module with scikit-learn's names) and ``fit`` (the
 functional entry point returning a ``FitResult``).
 """
+from .compare import Comparison, compare
 from .covariance import COVARIANCE_TYPES, Covariance, get_covariance
 from .density import GMMParams, component_log_prob, log_prob, log_responsibilities, responsibilities
 from .fit import fit
@@ -14,7 +15,7 @@ from .validation import NotFittedError
 __version__ = "0.1.0"
 
 __all__ = [
-    "GaussianMixture", "fit", "FitResult", "FitStatus", "GMMParams", "NotFittedError",
+    "GaussianMixture", "fit", "compare", "Comparison", "FitResult", "FitStatus", "GMMParams", "NotFittedError",
     "FitWarning", "ConvergenceWarning", "DegenerateWarning",
     "component_log_prob", "log_prob", "log_responsibilities", "responsibilities",
     "COVARIANCE_TYPES", "Covariance", "get_covariance",

@@ -226,6 +226,8 @@ class Full(Covariance):
         return self.covariance_from_prec_chol(prec_chol)
 
     def min_variance(self, cov, n_components):
+        if cov.shape[-1] == 1:  # (cuSOLVER's batched eigvalsh asks huge workspaces for 1x1)
+            return cov[..., 0, 0]
         return torch.linalg.eigvalsh(cov)[..., 0]
 
     def to_unconstrained(self, prec_chol):
@@ -264,7 +266,7 @@ class Tied(Full):
         return cov.expand(*cov.shape[:-3], n_components, n_features, n_features)
 
     def min_variance(self, cov, n_components):
-        low = torch.linalg.eigvalsh(cov)[..., :1]
+        low = super().min_variance(cov, n_components).unsqueeze(-1)
         return low.expand(*low.shape[:-1], n_components)
 
 

@@ -15,6 +15,7 @@ Data flow::
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -26,7 +27,7 @@ from .covariance import get_covariance
 from .density import GMMParams
 from .em import run_em
 from .init import INIT_METHODS, initialize, make_generator
-from .result import FitResult, FitStatus
+from .result import FitResult, FitStatus, FitWarning
 
 __all__ = ["fit", "standardize", "DEFAULT_MEMORY_BUDGET"]
 
@@ -60,6 +61,42 @@ def standardize(x: Tensor, w: Tensor, reg_covar: float) -> tuple[Tensor, Tensor,
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     xs = centred / scale[:, None, None]
     return xs, shift, scale, reg_covar / scale.square()
+
+
+def _first(mask: Tensor, batch_shape) -> str:
+    """`` (first: series (i, j))`` for a flat mask over a batch, empty when unbatched."""
+    if not batch_shape:
+        return ""
+    first = tuple(int(i) for i in torch.unravel_index(mask.nonzero()[0, 0], tuple(batch_shape)))
+    return f" (first: series {first})"
+
+
+def _available_bytes(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(n_members: int, k: int, d: int, cov, x: Tensor) -> None:
+    """Refuse, before allocating, a fit whose parameters and statistics cannot fit in memory."""
+    per_member = k * (1 + 2 * d) + math.prod(cov.prec_chol_shape(k, d)) + k * d * d
+    # initial, working, updated and output copies of the parameters, and the statistics
+    needed = 6 * n_members * per_member * x.element_size()
+    available = _available_bytes(x.device)
+    if available is not None and needed > available:
+        raise MemoryError(
+            f"this fit needs about {needed / 2**30:.1f} GiB for the parameters and statistics of "
+            f"{n_members} fits (series x n_init) with K={k}, D={d}, but {available / 2**30:.1f} GiB "
+            f"are available on {x.device}; fit fewer series at a time, lower n_init, or use "
+            "covariance_type='diag'"
+        )
 
 
 def _auto_chunk(n_members: int, n_components: int, n: int, d: int, itemsize: int, budget: int) -> Optional[int]:
@@ -97,6 +134,7 @@ def fit(
     prior=None,
     compile="auto",
     prune_after: Optional[int] = None,
+    catch_interrupt: bool = True,
     warn: bool = True,
 ) -> FitResult:
     """Fit independent Gaussian mixtures to every dataset of ``X (*B, N, D)`` at once.
@@ -114,6 +152,10 @@ def fit(
     Fraley & Raftery (2007) (MAP estimation), or a prior specification accepted by
     ``torchgmm.prior.make_prior``. ``compile``: fuse the hot loops with ``torch.compile``
     (True/False; "auto" compiles when the expected work outweighs the one-off compile time).
+    ``prune_after``: after that many EM iterations only each series' best restart goes on (a
+    cheap restart strategy; None runs every restart to convergence, as scikit-learn).
+    ``catch_interrupt``: Ctrl-C stops at an iteration boundary and returns the best-so-far
+    result, flagged not converged, with a warning (False: the KeyboardInterrupt propagates).
     """
     validation.check_settings(
         n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
@@ -148,7 +190,8 @@ def fit(
     xs, shift, scale, reg = standardize(x, w, reg_covar)
     too_big = scale.square() > torch.finfo(x.dtype).max / 16
     if bool(too_big.any()):
-        where = f" (first: series {tuple(torch.unravel_index(too_big.nonzero()[0, 0], batch_shape))})" if batch_shape else ""
+        first = tuple(int(i) for i in torch.unravel_index(too_big.nonzero()[0, 0], batch_shape))
+        where = f" (first: series {first})" if batch_shape else ""
         raise ValueError(
             f"X has a spread of {float(scale.max()):.3g}{where}, whose variance overflows {x.dtype}; "
             "rescale the data" + (" or pass float64 (e.g. X.double())" if x.dtype != torch.float64 else "")
@@ -160,6 +203,17 @@ def fit(
             (params.means - shift.unsqueeze(-2)) / scale[:, None, None],
             cov.rescale(params.prec_chol, scale.reciprocal()),
         )
+
+    floored = (scale <= math.sqrt(reg_covar)) & ~empty if reg_covar > 0 else torch.zeros_like(empty)
+    if warn and bool(floored.any()):
+        warnings.warn(
+            f"reg_covar={reg_covar:g} is larger than the data variance of {int(floored.sum())} series"
+            f"{_first(floored, batch_shape)}: their covariances will be about reg_covar, not the data's. "
+            "Rescale the data or lower reg_covar",
+            FitWarning,
+            stacklevel=2,
+        )
+    _check_memory(n_series * n_init, k, d, cov, x)
 
     # -- initialization --------------------------------------------------------------------
     use_compile = should_compile(compile, x.device, float(n_series) * n_init * n * k * max(max_iter, 1))
@@ -184,7 +238,16 @@ def fit(
             init = GMMParams(**{name: t.unsqueeze(1) for name, t in given.items()})
         else:
             gen = make_generator(random_state)
-            init, _ = initialize(xs, w, k, n_restarts, init_params, cov, reg, gen, compile=use_compile)
+            init, distinct_ok = initialize(xs, w, k, n_restarts, init_params, cov, reg, gen, compile=use_compile)
+            short = ~distinct_ok.all(-1) & ~empty
+            if warn and bool(short.any()):
+                warnings.warn(
+                    f"{int(short.sum())} series have fewer distinct points than n_components={k}"
+                    f"{_first(short, batch_shape)}: some components start on the same point (n distinct < K); "
+                    "reduce n_components or check for repeated values",
+                    FitWarning,
+                    stacklevel=2,
+                )
             init = init._replace(**{name: t.unsqueeze(1).expand_as(getattr(init, name)) for name, t in given.items()})
     n_restarts = init.log_weights.shape[1]
 
@@ -195,19 +258,25 @@ def fit(
     if prior is not None:
         from .prior import make_prior  # standardized units, per series
 
-        prior_s = make_prior(prior, xs, w, k, cov)
+        prior_s = make_prior(prior, xs, w, k, cov, shift=shift, scale=scale)
     if method == "gradient":
         from .gradient import run_gradient
 
-        run = run_gradient(xs, w, init, cov, reg, tol, max_iter, optimizer=optimizer, lr=lr, prior=prior_s, chunk_size=chunk_size)
+        run = run_gradient(
+            xs, w, init, cov, reg, tol, max_iter, optimizer=optimizer, lr=lr, prior=prior_s,
+            chunk_size=chunk_size, catch_interrupt=catch_interrupt,
+        )
     else:
         if method == "squarem":
             from .squarem import run_squarem as runner
         else:
             runner = run_em
         with torch.no_grad():
-            extra = {"compile": use_compile, "prune_after": prune_after} if method == "em" else {}
-            run = runner(xs, w, init, cov, reg, tol, max_iter, prior=prior_s, chunk_size=chunk_size, **extra)
+            extra = {"prune_after": prune_after} if method == "em" else {}
+            run = runner(
+                xs, w, init, cov, reg, tol, max_iter, prior=prior_s, chunk_size=chunk_size,
+                compile=use_compile, catch_interrupt=catch_interrupt, **extra,
+            )
 
     # -- per member: degenerate? then the best restart per series -----------------------------
     members = run.params.map(lambda t: t.reshape(n_series, n_restarts, *t.shape[1:]))
@@ -239,7 +308,8 @@ def fit(
     lower_bound = pick(run.lower_bound) - d * log_scale
     history = pick(run.history) - d * log_scale.unsqueeze(-1)
     passes = pick(run.passes)
-    converged, failed_best, degenerate_best = pick(run.converged), pick(run.failed), degenerate[rows, best]
+    converged, failed_best = pick(run.converged), pick(run.failed)
+    degenerate_best = degenerate[rows, best] & ~empty.unsqueeze(-1)
 
     status = torch.full((n_series,), int(FitStatus.OK), dtype=torch.long, device=x.device)
     for flag, code in (

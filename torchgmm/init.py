@@ -21,7 +21,7 @@ from ._compile import compiled
 from ._ops import matmul
 from .covariance import Covariance, get_covariance
 from .density import GMMParams
-from .stats import params_from_responsibilities
+from .stats import m_step, params_from_responsibilities, partition_statistics
 
 __all__ = ["INIT_METHODS", "initialize", "kmeans_plusplus", "kmeans", "make_generator"]
 
@@ -134,20 +134,21 @@ def kmeans_step(x: Tensor, w: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
     return labels, torch.where(nk > 0, means, centers)
 
 
-def kmeans(x: Tensor, w: Tensor, centers: Tensor, max_iter: int = KMEANS_MAX_ITER, compile: bool = False) -> Tensor:
-    """Weighted Lloyd iterations from ``centers (B, R, K, D)``; returns labels ``(B, R, N)``.
+def kmeans(x: Tensor, w: Tensor, centers: Tensor, max_iter: int = KMEANS_MAX_ITER, compile: bool = False):
+    """Weighted Lloyd iterations from ``centers (B, R, K, D)``: ``(labels (B, R, N), centers)``,
+    the centers being the means of the returned partition (where a cell is not empty).
 
     ``x (B, N, D)``, ``w (B, N)``. Stops when no label changes anywhere in the batch.
     """
     step = compiled(kmeans_step) if compile else kmeans_step
     xb, wb = x.unsqueeze(1), w.unsqueeze(1)
     labels = None
-    for _ in range(max_iter):
+    for _ in range(max(max_iter, 1)):
         new_labels, centers = step(xb, wb, centers)
         if labels is not None and torch.equal(new_labels, labels):
             break
         labels = new_labels
-    return labels
+    return labels, centers
 
 
 def initialize(
@@ -184,7 +185,8 @@ def initialize(
     seeds, distinct_ok = _seed_points(
         x, w, n_components, n_init, gen, d2_weighting=init_params != "random_from_data", compile=compile
     )
-    labels = kmeans(x, w, seeds, max_iter=KMEANS_MAX_ITER if init_params == "kmeans" else 1, compile=compile)
-    resp = _one_hot(labels, n_components, x.dtype)  # (B, R, K, N)
-    params, _ = params_from_responsibilities(x.unsqueeze(1), w.unsqueeze(1), resp, cov, reg)
+    labels, centers = kmeans(x, w, seeds, max_iter=KMEANS_MAX_ITER if init_params == "kmeans" else 1, compile=compile)
+    stats_fn = compiled(partition_statistics) if compile else partition_statistics
+    stats = stats_fn(x.unsqueeze(1), w.unsqueeze(1), labels, centers, cov)
+    params, _ = m_step(stats, centers, cov, reg)
     return params, distinct_ok

@@ -44,7 +44,9 @@ class GaussianMixture(nn.Module):
     ``random_state`` is an int or a ``torch.Generator``; the same seed gives the same CPU result.
     ``method`` is ``"em"``, ``"squarem"`` (accelerated EM) or ``"gradient"`` (``optimizer``
     ``"lbfgs"`` or ``"adam"``, step size ``lr``); ``prior="default"`` turns on MAP estimation
-    with the Fraley & Raftery (2007) conjugate prior.
+    with the Fraley & Raftery (2007) conjugate prior. ``compile`` ("auto", True, False) fuses the
+    hot loops with ``torch.compile``; ``catch_interrupt`` turns Ctrl-C during a fit into a
+    best-so-far model flagged not converged (False: re-raise).
     """
 
     def __init__(
@@ -72,6 +74,8 @@ class GaussianMixture(nn.Module):
         optimizer: str = "lbfgs",
         lr: Optional[float] = None,
         prior=None,
+        catch_interrupt: bool = True,
+        compile="auto",
     ):
         super().__init__()
         self.n_components = n_components
@@ -96,6 +100,8 @@ class GaussianMixture(nn.Module):
         self.optimizer = optimizer
         self.lr = lr
         self.prior = prior
+        self.catch_interrupt = catch_interrupt
+        self.compile = compile
         self.result_: Optional[FitResult] = None
         for name in _PARAMETERS:
             self.register_parameter(name, None)
@@ -215,6 +221,8 @@ class GaussianMixture(nn.Module):
             optimizer=self.optimizer,
             lr=self.lr,
             prior=self.prior,
+            catch_interrupt=self.catch_interrupt,
+            compile=self.compile,
             warn=True,
         )
         self._set_result(result)

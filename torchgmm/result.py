@@ -120,6 +120,13 @@ class FitResult:
             lines.append(f"  ... and {len(flagged) - max_series} more flagged series (see status_)")
         return "\n".join(lines)
 
+    def _few_points_hint(self) -> str:
+        k, d = self.params.means.shape[-2:]
+        if self.covariance_type in ("full", "tied") and bool((self.n_samples < k * (d + 1)).any()):
+            return (f" With fewer than D+1={d + 1} points per component a full covariance is singular "
+                    "(only reg_covar keeps it invertible): consider covariance_type='diag'.")
+        return ""
+
     def warn(self, stacklevel: int = 3, convergence: bool = True) -> None:
         """One summarized warning per category for the whole batch (never one per series)."""
         status = self.status.reshape(-1)
@@ -131,7 +138,8 @@ class FitResult:
             warnings.warn(
                 f"{int(bad.sum())} of {n} fit(s) are flagged ({self.status_counts()}); "
                 f"{label}: {self.describe(first)}. Inspect status_ and "
-                "summary(); for collapsed components increase reg_covar, use a prior, or reduce n_components.",
+                "summary(); for collapsed components increase reg_covar, use a prior (prior='default'), "
+                "or reduce n_components." + self._few_points_hint(),
                 DegenerateWarning,
                 stacklevel=stacklevel,
             )

@@ -20,7 +20,10 @@ from ._ops import matmul
 from .covariance import Covariance, get_covariance
 from .density import GMMParams, joint_log_prob
 
-__all__ = ["Stats", "statistics", "e_step_statistics", "m_step", "chunked_sum", "params_from_responsibilities"]
+__all__ = [
+    "Stats", "statistics", "e_step_statistics", "partition_statistics", "m_step", "chunked_sum",
+    "params_from_responsibilities",
+]
 
 
 class Stats(NamedTuple):
@@ -82,6 +85,16 @@ def m_step(
     prec_chol, ok = cov.prec_chol_from_covariance(covariance, reg_covar)
     log_weights = torch.log(nk) - torch.log(nk.sum(-1, keepdim=True))
     return GMMParams(log_weights, ref + shift, prec_chol), ok
+
+
+def partition_statistics(x: Tensor, w: Tensor, labels: Tensor, centers: Tensor, covariance_type: str | Covariance) -> Stats:
+    """Statistics of a hard partition ``labels (*B, N)`` of ``x (*B, N, D)`` (weights ``w``),
+    about ``centers (*B, K, D)``. Pure and fusable: no one-hot tensor is needed when compiled."""
+    cov = get_covariance(covariance_type)
+    ks = torch.arange(centers.shape[-2], device=labels.device).unsqueeze(-1)  # (K, 1)
+    resp = (labels.unsqueeze(-2) == ks).to(x.dtype) * w.unsqueeze(-2)  # (*B, K, N)
+    diff = x.unsqueeze(-3) - centers.unsqueeze(-2)  # (*B, K, N, D)
+    return statistics(diff, resp, cov)
 
 
 def chunked_sum(fn: Callable[[Tensor, Tensor], Stats], x: Tensor, w: Tensor, chunk_size: Optional[int]) -> Stats:

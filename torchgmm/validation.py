@@ -23,7 +23,8 @@ __all__ = [
     "NotFittedError",
 ]
 
-NAN_POLICIES = ("raise", "omit")
+NAN_POLICIES = ("raise", "omit", "mask")  # "mask" is an alias of "omit"
+_OMIT = ("omit", "mask")
 METHODS = ("em", "squarem", "gradient")
 OPTIMIZERS = ("lbfgs", "adam")
 
@@ -115,6 +116,20 @@ def _first_series(mask: Tensor) -> tuple:
     return tuple(mask.nonzero()[0].tolist())
 
 
+def _non_finite_message(name: str, bad_point: Tensor, kind: str, nan_policy: str) -> str:
+    """"X contains NaN in 3 of 10 series (first: (7,)); ..." for ``bad_point (*B, N)``."""
+    if bad_point.dim() > 1:
+        bad_series = bad_point.any(-1)
+        where = f" in {int(bad_series.sum())} of {bad_series.numel()} series (first: {_first_series(bad_series)})"
+    else:
+        first = int(bad_point.nonzero()[0, 0])
+        where = f" at {int(bad_point.sum())} of {bad_point.numel()} samples (first: row {first})"
+    hint = "remove or impute them"
+    if nan_policy not in _OMIT and "NaN" in kind:
+        hint += ", or pass nan_policy='omit' to treat NaN points as zero-weight padding"
+    return f"{name} contains {kind}{where}; {hint}"
+
+
 def as_data(
     X,
     *,
@@ -128,7 +143,8 @@ def as_data(
     """``X`` as a floating tensor ``(*B, N, D)`` (a 1-D ``(N,)`` is one univariate series).
 
     Returns ``(X, nan_rows)`` where ``nan_rows (*B, N)`` marks points with a NaN when
-    ``nan_policy="omit"`` (those points are then zeroed; give them zero weight), else None.
+    ``nan_policy`` is ``"omit"`` (or its alias ``"mask"``; those points are then zeroed: give them
+    zero weight), else None. Infinite values are an error under every policy.
     """
     t = _to_tensor(X, name)
     if device is not None:
@@ -154,18 +170,15 @@ def as_data(
     nan_rows = None
     finite = torch.isfinite(t)
     if not bool(finite.all()):
-        bad_point = ~finite.all(-1)  # (*B, N)
-        if nan_policy == "omit":
-            nan_rows = torch.isnan(t).any(-1)
-            bad_point = bad_point & ~nan_rows  # inf stays an error
+        nan_point = torch.isnan(t).any(-1)  # (*B, N)
+        inf_point = torch.isinf(t).any(-1)
+        if nan_policy in _OMIT:
+            nan_rows = nan_point
+            bad_point, kinds = inf_point & ~nan_point, ["inf"]  # inf stays an error
+        else:
+            bad_point, kinds = nan_point | inf_point, [k for k, m in (("NaN", nan_point), ("inf", inf_point)) if bool(m.any())]
         if bool(bad_point.any()):
-            bad_series = bad_point.any(-1)
-            where = ""
-            if bad_series.dim() > 0:
-                where = f" in {int(bad_series.sum())} of {bad_series.numel()} series (first: {_first_series(bad_series)})"
-            hint = "remove or impute them" + ("" if nan_policy == "omit" else ", or pass nan_policy='omit' to treat NaN points as zero-weight padding")
-            kind = "NaN or inf" if nan_policy == "raise" else "inf"
-            raise ValueError(f"{name} contains {kind}{where}; {hint}")
+            raise ValueError(_non_finite_message(name, bad_point, " and ".join(kinds), nan_policy))
         if nan_rows is not None:
             t = torch.where(nan_rows.unsqueeze(-1), torch.zeros((), dtype=t.dtype, device=t.device), t)
     return t, nan_rows
@@ -179,7 +192,12 @@ def as_sample_weight(sample_weight, x: Tensor, name: str = "sample_weight") -> T
     w = _to_tensor(sample_weight, name)
     if isinstance(sample_weight, Tensor) and w.device != x.device:
         raise ValueError(f"{name} is on {w.device} but X is on {x.device}; move one of them (e.g. {name}.to(X.device))")
-    if w.dtype == torch.bool or w.is_complex():
+    if w.dtype == torch.bool:
+        raise TypeError(
+            f"{name} must be real numeric (non-negative weights), got dtype {w.dtype}; for a "
+            f"validity mask pass {name}.to(X.dtype) (True = weight 1, False = padding)"
+        )
+    if w.is_complex():
         raise TypeError(f"{name} must be real numeric (non-negative weights), got dtype {w.dtype}")
     w = w.detach().to(device=x.device, dtype=x.dtype)
     if w.shape != shape:

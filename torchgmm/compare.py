@@ -1,0 +1,251 @@
+"""EM against gradient-based optimizers, from the same start, on the same data and objective.
+
+:func:`compare` builds one initialization (``torchgmm.fit(..., max_iter=0)``: the k-means start
+that ``fit`` would use), then runs every method on the same standardized data and the shared
+penalized objective ``F`` of :mod:`torchgmm.gradient` (EM and SQUAREM with the exact EM map of
+``F``; L-BFGS and Adam on ``F`` itself), and measures per series: the final objective, the gap to
+the best value any method found, and the data passes (density evaluations: E-steps, or value and
+gradient evaluations with line-search trials) and wall time each method needed to come within
+given gaps of that best value.
+
+Objective values are in standardized units; gaps are differences, the same in data units.
+Times are those of the whole batch (every method fits all series at once), so they compare
+methods, not series. Pure bookkeeping on top of the runners; no plotting here (see
+``examples/em_vs_gradient.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import validation
+from .covariance import get_covariance
+from .density import GMMParams
+from .em import MemberRun, run_em
+from .fit import fit, standardize
+from .gradient import objective, penalized_em_step, run_gradient
+from .squarem import run_squarem
+
+__all__ = ["compare", "Comparison", "METHODS"]
+
+METHODS = ("em", "squarem", "lbfgs", "adam")
+# Methods whose returned parameters are one (unevaluated) EM step past their last history entry.
+_EM_LIKE = ("em", "squarem")
+
+
+def _gap_key(kind: str, gap: float) -> str:
+    return f"{kind}_to_{gap:.0e}"
+
+
+@dataclass
+class Comparison:
+    """Outcome of :func:`compare`.
+
+    ``rows``: one dict per (series, method) with ``series``, ``method``, ``final`` (objective of
+    the returned parameters), ``gap`` (best found minus final), ``n_iter``, ``converged``,
+    ``failed``, and for each target gap ``g`` ``passes_to_<g>`` / ``time_to_<g>`` (NaN when never
+    reached). ``curves[method]`` holds the raw ``(values (B, T), passes (B, T), times (B, T))`` of
+    every evaluated point (initial and final included), ``best (B,)`` the best value per series.
+    """
+
+    methods: tuple
+    gaps: tuple
+    rows: list
+    curves: dict
+    best: Tensor
+    wall_time: dict = field(default_factory=dict)
+
+    def gap_curve(self, method: str, grid: Tensor, axis: str = "passes", floor: float = 1e-16) -> Tensor:
+        """``(B, G)``: per series, ``best - F`` of the last point reached within each ``grid``
+        value of data passes (``axis="passes"``) or seconds (``"time"``); ``floor`` clips zero
+        gaps for log plots. Before the first point, the initial gap."""
+        values, passes, times = self.curves[method]
+        where = passes if axis == "passes" else times
+        gap = (self.best.unsqueeze(-1) - values).clamp_min(floor)  # (B, T)
+        ok = torch.isfinite(where) & torch.isfinite(gap)
+        pos = torch.where(ok, where, torch.inf)
+        # index of the last point with position <= grid value
+        reached = pos.unsqueeze(-1) <= grid.to(pos.dtype)  # (B, T, G)
+        t_idx = torch.arange(values.shape[-1]).reshape(1, -1, 1)
+        last = torch.where(reached, t_idx, -1).amax(1)  # (B, G)
+        first = gap[:, :1].expand(-1, grid.numel())
+        picked = torch.gather(gap, 1, last.clamp_min(0))
+        return torch.where(last >= 0, picked, first)
+
+    def summary(self) -> list:
+        """One dict per method: medians over series (and the 90th percentile of passes)."""
+        out = []
+        for method in self.methods:
+            rows = [r for r in self.rows if r["method"] == method]
+            gaps = torch.tensor([r["gap"] for r in rows], dtype=torch.float64)
+            entry = {
+                "method": method,
+                "series": len(rows),
+                "median_final": _median([r["final"] for r in rows]),
+                "median_gap": _median(gaps.tolist()),
+                "failures": sum(bool(r["failed"]) for r in rows),
+                "wall_time_s": self.wall_time.get(method, math.nan),
+            }
+            for g in self.gaps:
+                passes = [r[_gap_key("passes", g)] for r in rows]
+                times = [r[_gap_key("time", g)] for r in rows]
+                entry[f"reached_{g:.0e}"] = sum(math.isfinite(p) for p in passes) / max(len(rows), 1)
+                entry[f"median_passes_{g:.0e}"] = _median(passes)
+                entry[f"p90_passes_{g:.0e}"] = _quantile(passes, 0.9)
+                entry[f"median_time_{g:.0e}"] = _median(times)
+            out.append(entry)
+        return out
+
+    def to_markdown(self) -> str:
+        """The summary as a markdown table (passes and times over the series that reached)."""
+        summary = self.summary()
+        cols = ["method", "series", "failures", "median_gap"]
+        for g in self.gaps:
+            cols += [f"reached_{g:.0e}", f"median_passes_{g:.0e}", f"p90_passes_{g:.0e}", f"median_time_{g:.0e}"]
+        cols.append("wall_time_s")
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for entry in summary:
+            lines.append("| " + " | ".join(_fmt(entry[c]) for c in cols) + " |")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3g}"
+
+
+def _finite(values) -> list:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def _median(values) -> float:
+    vals = _finite(values)
+    return float(torch.tensor(vals, dtype=torch.float64).median()) if vals else math.nan
+
+
+def _quantile(values, q: float) -> float:
+    vals = _finite(values)
+    return float(torch.tensor(vals, dtype=torch.float64).quantile(q)) if vals else math.nan
+
+
+def _run(method: str, xs, w, init, cov, reg, tol, max_iter, lr, chunk_size) -> MemberRun:
+    if method == "em":
+        with torch.no_grad():
+            return run_em(xs, w, init, cov, reg, tol, max_iter, step=penalized_em_step, chunk_size=chunk_size)
+    if method == "squarem":
+        with torch.no_grad():
+            return run_squarem(xs, w, init, cov, reg, tol, max_iter, chunk_size=chunk_size, penalized=True)
+    if method in ("lbfgs", "adam"):
+        return run_gradient(xs, w, init, cov, reg, tol, max_iter, optimizer=method, lr=lr, chunk_size=chunk_size)
+    raise ValueError(f"method={method!r} is not supported; choose from {list(METHODS)}")
+
+
+def compare(
+    X,
+    n_components: int,
+    methods: Sequence[str] = METHODS,
+    *,
+    covariance_type: str = "full",
+    reg_covar: float = 1e-6,
+    init_params: str = "kmeans",
+    random_state=0,
+    tol: float = 1e-10,
+    max_iter: int = 1000,
+    max_iter_adam: Optional[int] = None,
+    lr: Optional[float] = None,
+    gaps: Sequence[float] = (1e-3, 1e-6),
+    dtype: Optional[torch.dtype] = torch.float64,
+    device=None,
+    chunk_size: Optional[int] = None,
+) -> Comparison:
+    """Run ``methods`` (any of ``"em"``, ``"squarem"``, ``"lbfgs"``, ``"adam"``) on every series of
+    ``X`` (``(N, D)`` or ``(B, N, D)``) from one shared initialization; see :class:`Comparison`.
+
+    ``tol`` and ``max_iter`` apply to every method (``max_iter`` counts iterations: E-steps for
+    EM and SQUAREM, steps for L-BFGS and Adam; ``max_iter_adam`` overrides it for Adam); the
+    small default ``tol`` lets each method run close to its optimum so that the passes needed
+    for each target gap can be read off its history. ``lr`` is passed to the gradient methods.
+    """
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not supported; choose from {list(METHODS)}")
+    cov = get_covariance(covariance_type)
+    x, _ = validation.as_data(X, dtype=dtype, device=device, min_samples=2)
+    x = x.reshape(-1, *x.shape[-2:])
+    n_series, d = x.shape[0], x.shape[-1]
+    start_fit = fit(x, n_components, covariance_type=cov.name, reg_covar=reg_covar, max_iter=0,
+                    init_params=init_params, random_state=random_state, warn=False)
+    w = torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device)
+    xs, shift, scale, reg = standardize(x, w, reg_covar)
+    p = start_fit.params
+    init = GMMParams(
+        p.log_weights,
+        (p.means - shift.unsqueeze(-2)) / scale[:, None, None],
+        cov.rescale(p.prec_chol, scale.reciprocal()),
+    ).map(lambda t: t.unsqueeze(1))  # (B, 1, ...)
+
+    runs, finals, wall = {}, {}, {}
+    for method in methods:
+        iters = max_iter_adam if (method == "adam" and max_iter_adam is not None) else max_iter
+        t0 = time.perf_counter()
+        run = _run(method, xs, w, init, cov, reg, tol, iters, lr, chunk_size)
+        wall[method] = time.perf_counter() - t0
+        with torch.no_grad():
+            final = objective(xs, w, run.params, cov, reg, chunk_size=chunk_size)
+        runs[method], finals[method] = run, final.detach().to("cpu", torch.float64)
+
+    with torch.no_grad():
+        f_init = objective(xs, w, init.map(lambda t: t[:, 0]), cov, reg, chunk_size=chunk_size)  # (B,)
+    curves = {}
+    for method, run in runs.items():
+        hist = run.history.detach().to("cpu", torch.float64)
+        passes = run.passes.to("cpu", torch.float64)
+        times = run.elapsed.to(torch.float64).unsqueeze(0).expand_as(hist)
+        times = torch.where(torch.isfinite(hist), times, torch.nan)
+        n_done = torch.isfinite(passes).sum(-1)  # (B,)
+        last_pass = torch.where(n_done > 0, torch.nan_to_num(passes, nan=-1.0).amax(-1), torch.zeros_like(n_done, dtype=torch.float64))
+        last_time = torch.where(n_done > 0, torch.nan_to_num(times, nan=-1.0).amax(-1), torch.zeros_like(last_pass))
+        extra = 1.0 if method in _EM_LIKE else 0.0
+        zeros = torch.zeros(n_series, 1, dtype=torch.float64)
+        values = torch.cat([f_init.to("cpu", torch.float64).unsqueeze(-1), hist, finals[method].to("cpu", torch.float64).unsqueeze(-1)], -1)
+        passes = torch.cat([zeros + 1.0, passes, (last_pass + extra).unsqueeze(-1)], -1)
+        times = torch.cat([zeros, times, last_time.unsqueeze(-1)], -1)
+        curves[method] = (values, passes, times)
+
+    best = torch.stack([torch.nan_to_num(c[0], nan=-torch.inf).amax(-1) for c in curves.values()]).amax(0)  # (B,)
+    rows = []
+    for method in methods:
+        run = runs[method]
+        values, passes, times = curves[method]
+        gap_t = best.unsqueeze(-1) - values  # (B, T)
+        for b in range(n_series):
+            row = {
+                "series": b,
+                "method": method,
+                "final": float(finals[method][b]),
+                "gap": float(best[b] - finals[method][b]),
+                "n_iter": int(run.n_iter[b]),
+                "converged": bool(run.converged[b]),
+                "failed": bool(run.failed[b]),
+            }
+            for g in gaps:
+                hit = (gap_t[b] <= g) & torch.isfinite(values[b])
+                j = int(hit.nonzero()[0]) if bool(hit.any()) else -1
+                row[_gap_key("passes", g)] = float(passes[b, j]) if j >= 0 else math.nan
+                row[_gap_key("time", g)] = float(times[b, j]) if j >= 0 else math.nan
+            rows.append(row)
+    return Comparison(tuple(methods), tuple(gaps), rows, curves, best, wall)
