@@ -30,8 +30,8 @@ torch.set_num_threads(1)
 threadpool_limits(1)
 
 COV_TYPES = ("full", "tied", "diag", "spherical")
-SEED_SERIES_CSV = ROOT / "data" / "seed_series.csv"
-# The value the question's series repeats (13 times in data/seed_series.csv; the question says 14),
+SEED_SERIES_CSV = ROOT / "torchgmm" / "data" / "seed_series.csv"
+# The value the question's series repeats (13 times in torchgmm/data/seed_series.csv; the question says 14),
 # forward-filled: where random initializations collapse.
 REPEATED_VALUE = 44.44571429
 

@@ -341,6 +341,7 @@ def fit(
         degenerate_components=unflatten(degenerate_best),
         n_samples=unflatten(n_valid),
         restart_lower_bounds=unflatten(restart_lb),
+        restart_degenerate=unflatten(degenerate.any(-1) & ~empty.unsqueeze(-1)),
         best_restart=unflatten(best),
         elapsed=run.elapsed,
         interrupted=run.interrupted,

@@ -59,6 +59,7 @@ class FitResult:
     degenerate_components: Tensor  # (*B, K) bool
     n_samples: Tensor  # (*B,) positive-weight points
     restart_lower_bounds: Tensor  # (*B, R)
+    restart_degenerate: Tensor  # (*B, R) bool: a component of that restart collapsed
     best_restart: Tensor  # (*B,) int64
     elapsed: Tensor  # (T,) seconds since the start, at the end of each iteration (whole batch)
     interrupted: bool = False
