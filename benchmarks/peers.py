@@ -27,6 +27,7 @@ class Task:
     seed: int = 0
     dtype: str = "float64"
     device: str = "cpu"
+    seed_per_series: bool = False  # batched methods must give series i its own seed (SEED workload)
 
 
 @dataclass
@@ -79,6 +80,22 @@ def best_restart(score: np.ndarray, *arrays: np.ndarray, n_init: int):
     return [np.asarray(a)[idx] for a in arrays]
 
 
+def _centers(X, labels, K, fallback):
+    """Per-row cluster means and counts of a hard labelling (bincount: no tiny batched matmuls)."""
+    R, N, D = X.shape
+    flat = (np.arange(R)[:, None] * K + labels).ravel()
+    nk = np.bincount(flat, minlength=R * K).reshape(R, K).astype(X.dtype)
+    S = np.stack([np.bincount(flat, X[..., j].ravel(), R * K) for j in range(D)], -1).reshape(R, K, D)
+    return np.where(nk[..., None] > 0, S / np.maximum(nk, 1)[..., None], fallback).astype(X.dtype), nk
+
+
+def _sqdist(X, C):
+    """Squared distances (R, N, K) of points X (R, N, D) to centers C (R, K, D)."""
+    if X.shape[-1] == 1:  # plain broadcasting beats many tiny batched matmuls
+        return (X - C.swapaxes(1, 2)) ** 2
+    return (X**2).sum(-1)[..., None] - 2 * X @ C.swapaxes(1, 2) + (C**2).sum(-1)[:, None]
+
+
 def kmeans_init(X: np.ndarray, K: int, n_init: int, seed: int, reg_covar: float, iters: int = 100):
     """Harness-side k-means initialization for peers without a usable one (gmm-gpu, gmmx), modelled on
     scikit-learn's init_params="kmeans" (greedy k-means++ seeding, Lloyd until the labels stop changing,
@@ -107,17 +124,22 @@ def kmeans_init(X: np.ndarray, K: int, n_init: int, seed: int, reg_covar: float,
                 better = nd2.sum(1) < best[1].sum(1)
                 best = [np.where(better[:, None, None], c, best[0]), np.where(better[:, None], nd2, best[1])]
         C, d2 = np.concatenate([C, best[0]], axis=1), best[1]
-    sq, labels = (X**2).sum(-1)[..., None], None
-    for _ in range(iters):  # Lloyd
-        new = (sq - 2 * X @ C.swapaxes(1, 2) + (C**2).sum(-1)[:, None]).argmin(-1)
-        if labels is not None and (new == labels).all():
+    # Lloyd on the rows still moving; a row stops when its labels repeat or, as in scikit-learn,
+    # its centers shift by at most 1e-4 x the mean feature variance (squared distance)
+    labels, act, tol = np.full((R, N), -1), rows, 1e-4 * X.var(1).mean(-1)
+    for _ in range(iters):
+        Xa, Ca = X[act], C[act]
+        new = _sqdist(Xa, Ca).argmin(-1)
+        changed = (new != labels[act]).any(1)
+        labels[act] = new
+        act, Xa, new, Ca = act[changed], Xa[changed], new[changed], Ca[changed]
+        C[act] = _centers(Xa, new, K, Ca)[0]
+        act = act[((C[act] - Ca) ** 2).sum((1, 2)) > tol[act]]
+        if not len(act):
             break
-        labels = new
-        resp = np.eye(K, dtype=X.dtype)[labels]                     # (R, N, K)
-        nk = resp.sum(1)
-        C = np.where(nk[..., None] > 0, resp.swapaxes(1, 2) @ X / np.maximum(nk, 1)[..., None], C)
-    nk = resp.sum(1) + 10 * np.finfo(X.dtype).eps
-    covs = np.stack([np.einsum("rn,rnd,rne->rde", resp[..., k], X - C[:, k, None], X - C[:, k, None])
+    C, nk = _centers(X, labels, K, C)
+    nk = nk + 10 * np.finfo(X.dtype).eps
+    covs = np.stack([((labels == k)[..., None] * (X - C[:, k, None])).swapaxes(1, 2) @ (X - C[:, k, None])
                      for k in range(K)], axis=1) / nk[..., None, None]
     covs += reg_covar * np.eye(D, dtype=X.dtype)
     return (nk / N).astype(X.dtype), C, covs
@@ -146,19 +168,25 @@ def fit_torchgmm(X, t: Task) -> FitOut:
     import torch
     import torchgmm
     Xt = torch.as_tensor(X, dtype=getattr(torch, t.dtype), device=t.device)
-    gm = torchgmm.GaussianMixture(n_components=t.K, covariance_type=t.covariance_type, tol=t.tol,
-                                  reg_covar=t.reg_covar, max_iter=t.max_iter, n_init=t.n_init,
-                                  init_params=t.init_params, random_state=t.seed)
+    # under one random_state identical datasets get identical initializations, so the SEED copies
+    # would all share one "seed": there, fit series i alone with random_state seed + i
+    parts = list(Xt.split(1)) if t.seed_per_series else [Xt]
+    gms = [torchgmm.GaussianMixture(n_components=t.K, covariance_type=t.covariance_type, tol=t.tol,
+                                    reg_covar=t.reg_covar, max_iter=t.max_iter, n_init=t.n_init,
+                                    init_params=t.init_params, random_state=t.seed + i) for i in range(len(parts))]
     with Timer(t.device) as tm:
-        gm.fit(Xt)
-    out = [a.detach().cpu().double().numpy() for a in (gm.weights_, gm.means_, gm.covariances_)]
+        for gm, x in zip(gms, parts):
+            gm.fit(x)
+    out = [torch.cat([getattr(gm, a).detach() for gm in gms]).cpu().double().numpy()
+           for a in ("weights_", "means_", "covariances_")]
     return FitOut(out[0], out[1], to_full(out[2], t.covariance_type, t.K, X.shape[2]), tm.seconds)
 
 
 def fit_gmm_gpu(X, t: Task) -> FitOut:
     """gmm-gpu: batched natively; restarts tiled into the batch axis; harness k-means init passed in
     (its own initialization leaves many short univariate series NaN). Its internal k-means still runs
-    and is timed. The best restart is chosen by its own `score`, inside the timing."""
+    and is timed. The best restart is chosen by its own `score`, inside the timing. Note: gmm-gpu
+    0.2.8 stores `reg_covar` but never adds it to the covariances."""
     import torch
     from gmm_gpu.gmm import GMM
     Xn = X.astype(np.float32)
@@ -216,7 +244,8 @@ def fit_gmmx(X, t: Task) -> FitOut:
 def fit_pomegranate(X, t: Task) -> FitOut:
     """pomegranate 1.x GeneralMixtureModel: one dataset and one restart per call (no n_init), its own
     k-means initialization, tol scaled by N (it tests the total log-probability). Parameters stay
-    float32. The best restart is chosen by its own log_probability, inside the timing."""
+    float32. The best restart is chosen by its own log_probability, inside the timing; a restart
+    that raises is dropped, a series whose restarts all raise gets NaN parameters."""
     import torch
     from pomegranate.distributions import Normal
     from pomegranate.gmm import GeneralMixtureModel
@@ -224,17 +253,24 @@ def fit_pomegranate(X, t: Task) -> FitOut:
     B, N, D = X.shape
     Xs = [torch.as_tensor(x, dtype=torch.float32, device=t.device) for x in X]
     W, M, C = [], [], []
+    cshape = {"full": (t.K, D, D), "diag": (t.K, D), "sphere": (t.K,)}[kind]
     with Timer(t.device) as tm:
         for i, x in enumerate(Xs):
-            best = None
+            best = (-np.inf, None)
             for r in range(t.n_init):
-                g = GeneralMixtureModel([Normal(covariance_type=kind, min_cov=t.reg_covar) for _ in range(t.K)],
-                                        max_iter=t.max_iter, tol=t.tol * N,
-                                        random_state=t.seed + i * t.n_init + r).to(t.device).fit(x)
-                lp = float(g.log_probability(x).sum())
-                if best is None or lp > best[0]:
+                try:  # it raises on some data (empty k-means cluster, non-PD covariance): a failed restart
+                    g = GeneralMixtureModel([Normal(covariance_type=kind, min_cov=t.reg_covar) for _ in range(t.K)],
+                                            max_iter=t.max_iter, tol=t.tol * N,
+                                            random_state=t.seed + i * t.n_init + r).to(t.device).fit(x)
+                    lp = float(g.log_probability(x).sum())
+                except Exception:  # noqa: BLE001
+                    continue
+                if best[1] is None or lp > best[0]:
                     best = (lp, g)
             g = best[1]
+            if g is None:  # every restart failed: NaN parameters, counted as a failed series
+                W.append(np.full(t.K, np.nan)), M.append(np.full((t.K, D), np.nan)), C.append(np.full(cshape, np.nan))
+                continue
             W.append(g.priors.detach().cpu().numpy())
             M.append(np.stack([d.means.detach().cpu().numpy() for d in g.distributions]))
             C.append(np.stack([d.covs.detach().cpu().numpy() for d in g.distributions]))

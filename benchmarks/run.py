@@ -1,6 +1,6 @@
 """Benchmark torchgmm against scikit-learn and peer libraries in one run.
 
-    python benchmarks/run.py configs/bench_w1.yaml [--quick] [--device cpu|cuda]
+    python benchmarks/run.py configs/bench_w1.yaml [--quick] [--device cpu|cuda] [--threads N]
                              [--out benchmarks/results/NAME.json] [--markdown FILE]
 
 Every (workload, method, dtype) cell runs in a fresh worker process (this file with --worker), so a
@@ -17,9 +17,11 @@ import itertools
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +94,7 @@ def worker(spec: dict) -> dict:
     task = peers.Task(K=p["K"], covariance_type=p["covariance_type"], n_init=p["n_init"],
                       max_iter=p["max_iter"], tol=p["tol"], reg_covar=p["reg_covar"],
                       init_params=p["init_params"], seed=p["seed"], dtype=spec["dtype"],
-                      device=spec["device"])
+                      device=spec["device"], seed_per_series=p["seed_per_series"])
     fit = peers.ADAPTERS[m].fit
     task.device = spec["device"] if m in TORCH_METHODS else "cpu"
     cuda = task.device.startswith("cuda")
@@ -135,8 +137,8 @@ def variants(cfg: dict, quick: bool):
             yield label, kind, q
 
 
-def cells(cfg: dict, quick: bool, device: str):
-    """Yield (label, kind, params, method, dtype, n_series, skip_reason)."""
+def cells(cfg: dict, quick: bool, threads: int | None = None):
+    """Yield one dict per (workload variant, method, dtype): the row, with `skip` set when it cannot run."""
     for label, kind, p in variants(cfg, quick):
         for name, mcfg in cfg["methods"].items():
             mcfg = mcfg or {}
@@ -145,24 +147,30 @@ def cells(cfg: dict, quick: bool, device: str):
             a = peers.ADAPTERS[name]
             dtypes = mcfg.get("dtype", a.dtypes[0])
             for dtype in dtypes if isinstance(dtypes, list) else [dtypes]:
-                n = min(p["B"], mcfg.get("max_series", p["B"]))
                 task = peers.Task(K=p["K"], covariance_type=p["covariance_type"],
                                   init_params=p["init_params"], dtype=dtype)
                 if importlib.util.find_spec(a.module) is None:
                     skip = f"not installed (import {a.module} failed)"
                 else:
                     skip = peers.unsupported(name, task)
-                yield label, kind, p, name, dtype, n, skip
+                yield dict(label=label, kind=kind, params=p, method=name, dtype=dtype,
+                           n=min(p["B"], mcfg.get("max_series", p["B"])), threads=threads or mcfg.get("threads"),
+                           **({"skip": skip} if skip else {}))
 
 
-def run_cell(kind, p, name, dtype, n, device, timeout) -> dict:
-    spec = dict(kind=kind, params=p, method=name, dtype=dtype, n_series=n, device=device)
+def run_cell(cell: dict, device: str, timeout: float) -> dict:
+    """Run one cell in a fresh worker; `threads` caps OpenMP/BLAS threads (torch, numpy, scikit-learn)."""
+    spec = dict(kind=cell["kind"], params=cell["params"], method=cell["method"], dtype=cell["dtype"],
+                n_series=cell["n"], device=device)
+    env = dict(os.environ)
+    if cell["threads"]:
+        env.update({v: str(cell["threads"]) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "spec.json"
         path.write_text(json.dumps(spec))
         try:
             r = subprocess.run([sys.executable, __file__, "--worker", str(path)], capture_output=True,
-                               text=True, timeout=timeout)
+                               text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
             return dict(skip=f"timed out after {timeout} s")
         out = Path(d) / "out.json"
@@ -176,6 +184,14 @@ def run_cell(kind, p, name, dtype, n, device, timeout) -> dict:
 # machine line, table, output
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds all processes spent busy, CPU seconds of our finished workers): their difference
+    over a cell is what other processes took from the machine while it was timed."""
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), r.ru_utime + r.ru_stime
+
+
 def machine(device: str) -> dict:
     cpu = platform.processor() or "?"
     try:
@@ -183,7 +199,8 @@ def machine(device: str) -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version())
+    info = dict(cpu=cpu, cores=os.cpu_count(), load=" ".join(f"{x:.1f}" for x in os.getloadavg()),
+                python=platform.python_version())
     for pkg in ("torch", "numpy", "scikit-learn", "pomegranate", "gmm-gpu", "gmmx", "jax"):
         try:
             info[pkg] = md.version(pkg)
@@ -203,22 +220,28 @@ def summarize(rows: list[dict]) -> None:
         if "seconds" not in r:
             continue
         ll = np.array(r["ll"], dtype=float)
-        r["s_per_series"] = float(np.median(r["seconds"])) / r["n"]
-        r["mean_ll"] = float(np.nanmean(ll)) if np.isfinite(ll).any() else float("nan")
-        r["failed"] = int((~np.isfinite(ll)).sum())
         p, sk = r["params"], ref.get(r["label"])
+        k = min(len(ll), len(sk["ll"])) if sk else len(ll)  # the series compared with scikit-learn
+        r["s_per_series"] = float(np.median(r["seconds"])) / r["n"]
+        r["mean_ll"], r["mean_ll_all"] = (float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
+                                          for a in (ll[:k], ll))
+        r["failed"] = int((~np.isfinite(ll)).sum())
         if sk is not None:
             r["vs_sklearn"] = sk["s_per_series"] / r["s_per_series"]
-            a, b = ll, np.array(sk["ll"], dtype=float)
-            k = min(len(a), len(b))
-            both = np.isfinite(a[:k]) & np.isfinite(b[:k])
-            r["dll_vs_sklearn"] = float((a[:k][both] - b[:k][both]).mean()) if both.any() else float("nan")
+            d = ll[:k] - np.array(sk["ll"], dtype=float)[:k]
+            r["dll_vs_sklearn"] = float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
+        notes = []
+        collapsed = np.array(r["min_var"]) <= 10 * p["reg_covar"]
         if r["kind"] == "seed":
-            collapsed = np.array(r["min_var"]) <= 10 * p["reg_covar"]
             hit = ~collapsed & (ll >= p["best_ll"] - p["best_tol"])
-            r["note"] = f"best {hit.mean():.0%}, collapsed {collapsed.mean():.0%}"
-        elif r["failed"]:
-            r["note"] = f"{r['failed']} series NaN/non-PD"
+            notes.append(f"best {hit.mean():.0%}, collapsed {collapsed.mean():.0%}")
+        elif collapsed.any():
+            notes.append(f"{collapsed.sum()} series collapsed")
+        if r["failed"]:
+            notes.append(f"{r['failed']} series NaN/non-PD")
+        if r["other_load"] > 0.25:
+            notes.append(f"busy: other processes used {r['other_load']:.1f} cores")
+        r["note"] = "; ".join(notes)
 
 
 HEAD = ["workload", "method", "dtype", "series", "s/series", "vs sklearn", "mean ll", "Δll vs sk",
@@ -230,10 +253,11 @@ def fmt_rows(rows: list[dict]) -> list[list[str]]:
         return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
     out = []
     for r in rows:
+        method = r["method"] + (f" ({r['threads']} thr)" if r.get("threads") else "")
         if "seconds" not in r:
-            out.append([r["label"], r["method"], r["dtype"], "", "", "", "", "", "", "skipped: " + r["skip"]])
+            out.append([r["label"], method, r["dtype"], "", "", "", "", "", "", "skipped: " + r["skip"]])
             continue
-        out.append([r["label"], r["method"], r["dtype"], str(r["n"]), f(r["s_per_series"], ".3g"),
+        out.append([r["label"], method, r["dtype"], str(r["n"]), f(r["s_per_series"], ".3g"),
                     f(r.get("vs_sklearn"), ".2f") + ("x" if "vs_sklearn" in r else ""),
                     f(r["mean_ll"], ".4f"), f(r.get("dll_vs_sklearn"), "+.1e"),
                     f(r["mem_mb"], ".0f") + ("" if r["mem_kind"] == "rss" else " " + r["mem_kind"]),
@@ -246,20 +270,24 @@ def footnotes(info: dict) -> list[str]:
         "s/series: median over `repeats` timed fits (after one warm-up fit) of the fit time divided by the "
         "series timed; fit only (data already converted/on device; CUDA synchronized). A method with fewer "
         "series than B timed a subsample (the first `max_series`).",
-        "vs sklearn: scikit-learn s/series / method s/series (>1 = faster).",
+        "vs sklearn: scikit-learn s/series / method s/series (>1 = faster). Methods use all cores unless "
+        "marked '(n thr)' (OpenMP/BLAS threads capped by the config's `threads`).",
         "mean ll: mean log-likelihood per sample from the returned parameters, one float64 evaluator for all "
-        "methods, averaged over series; Δll vs sk: method minus scikit-learn on the series both fitted.",
+        "methods, averaged over the series scikit-learn also fitted (all series: mean_ll_all in the JSON); "
+        "Δll vs sk: method minus scikit-learn on those series (NaN fits excluded, counted in note).",
         "peak MB: growth of the worker process's peak RSS (VmHWM, reset just before the warm-up; includes the "
         "method's copy of the input and JIT caches); 'cuda' = torch.cuda.max_memory_allocated growth; "
         "'rss*' = VmHWM could not be reset (lifetime peak).",
-        "SEED note: share of seeds reaching the best non-degenerate optimum / share collapsed "
-        "(a component variance <= 10*reg_covar).",
+        "note: SEED share of seeds reaching the best non-degenerate optimum / share collapsed "
+        "(a component variance <= 10*reg_covar; other workloads: count of such series, whose higher ll is "
+        "degenerate); series whose parameters were NaN or not positive definite; 'busy' = CPU time other processes took while the cell ran (timings then inflated).",
     ]
 
 
 def machine_line(info: dict) -> str:
-    vers = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("cpu", "cores", "device"))
-    return f"machine: {info['cpu']}, {info['cores']} cores, device {info['device']}; {vers}"
+    vers = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("cpu", "cores", "load", "device"))
+    return (f"machine: {info['cpu']}, {info['cores']} cores (load avg {info['load']} at start), "
+            f"device {info['device']}; {vers}")
 
 
 def render_text(table: list[list[str]]) -> str:
@@ -281,6 +309,7 @@ def main(argv=None):
     ap.add_argument("config", nargs="?")
     ap.add_argument("--quick", action="store_true", help="shrink every workload (B/10, N/10, 1 repeat)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i] for the torch-based methods")
+    ap.add_argument("--threads", type=int, help="cap OpenMP/BLAS threads of every method (busy machines)")
     ap.add_argument("--out", help="JSON results (default benchmarks/results/<config>[-quick].json)")
     ap.add_argument("--markdown", help="also write the table as markdown to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -297,15 +326,16 @@ def main(argv=None):
     info = machine(args.device)
     print(machine_line(info), flush=True)
     rows = []
-    for label, kind, p, name, dtype, n, skip in cells(cfg, args.quick, args.device):
-        row = dict(label=label, kind=kind, params=p, method=name, dtype=dtype, n=n)
-        if skip is None:
-            print(f"  {label}: {name} {dtype} on {n} series ...", end=" ", flush=True)
-            res = run_cell(kind, p, name, dtype, n, args.device, cfg.get("timeout_s", 1800))
-            print(res.get("skip", f"{np.median(res.get('seconds', [0])):.2f} s/fit"), flush=True)
+    for row in cells(cfg, args.quick, args.threads):
+        if "skip" not in row:
+            print(f"  {row['label']}: {row['method']} {row['dtype']} on {row['n']} series ...", end=" ", flush=True)
+            t0, busy0 = time.perf_counter(), cpu_seconds()
+            res = run_cell(row, args.device, cfg.get("timeout_s", 1800))
+            wall, busy1 = time.perf_counter() - t0, cpu_seconds()
+            res["other_load"] = max(0.0, (busy1[0] - busy0[0]) - (busy1[1] - busy0[1])) / wall
+            done = res["skip"] if "skip" in res else f"{np.median(res['seconds']):.3g} s/fit"
+            print(f"{done} (worker {wall:.1f} s, other processes {res['other_load']:.1f} cores)", flush=True)
             row.update(res)
-        else:
-            row["skip"] = skip
         rows.append(row)
     summarize(rows)
     table = fmt_rows(rows)

@@ -23,12 +23,12 @@ DEFAULTS = {
                max_iter=50, tol=1e-3),
     # gmm-gpu's published example: 1,000 datasets of 200 + 200 points around (0,0) and (1.5,1.5)
     "gg": dict(B=1000, N=400, D=2, K=2, covariance_type="full", n_init=1, max_iter=100, tol=1e-3),
-    # the bundled 50-point series, refitted with `B` different seeds per initialization method
+    # the bundled 50-point series (torchgmm/data/seed_series.csv), refitted with `B` different seeds per initialization method
     "seed": dict(B=100, K=3, covariance_type="full", n_init=1, max_iter=100, tol=1e-3,
                  init_params=["kmeans", "k-means++", "random", "random_from_data"],
-                 best_ll=-2.1237, best_tol=1e-3),
+                 best_ll=-2.1237, best_tol=1e-3, seed_per_series=True),
 }
-COMMON = dict(reg_covar=1e-6, init_params="kmeans", seed=0, repeats=3, warmup=True)
+COMMON = dict(reg_covar=1e-6, init_params="kmeans", seed=0, repeats=3, warmup=True, seed_per_series=False)
 
 
 def random_mixture(rng: np.random.Generator, B: int, N: int, D: int, K: int) -> np.ndarray:
@@ -59,7 +59,9 @@ def gmm_gpu_example(rng: np.random.Generator, B: int, N: int) -> np.ndarray:
 def seed_series(B: int) -> np.ndarray:
     """The bundled series (column `value`), repeated B times: one dataset per seed."""
     import csv
-    with open(ROOT / "data" / "seed_series.csv") as f:
+    path = next(p for p in (ROOT / "torchgmm" / "data" / "seed_series.csv", ROOT / "data" / "seed_series.csv")
+                if p.exists())
+    with open(path) as f:
         values = np.array([float(r["value"]) for r in csv.DictReader(f)])
     return np.broadcast_to(values[None, :, None], (B, len(values), 1)).copy()
 

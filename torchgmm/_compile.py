@@ -23,9 +23,11 @@ __all__ = ["compiled", "should_compile"]
 AUTO_COMPILE_WORK = 5e9
 
 
-def should_compile(setting, device: torch.device, work: float) -> bool:
+def should_compile(setting, device: torch.device, work: float, n_features: int = 1) -> bool:
+    """``"auto"``: compile when the work is large, on CUDA or for D <= 2 on the CPU (measured: for
+    D = 8 full covariance on the CPU, Inductor's fused contractions ran 7x slower than eager BLAS)."""
     if setting == "auto":
-        return work >= AUTO_COMPILE_WORK
+        return work >= AUTO_COMPILE_WORK and (device.type == "cuda" or n_features <= 2)
     return bool(setting)
 
 

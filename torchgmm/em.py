@@ -26,7 +26,7 @@ from .covariance import Covariance, get_covariance
 from .density import GMMParams
 from .stats import chunked_sum, e_step_statistics, m_step
 
-__all__ = ["MemberRun", "em_step", "run_em", "log_likelihood"]
+__all__ = ["MemberRun", "member_outputs", "em_step", "run_em", "log_likelihood"]
 
 
 class MemberRun(NamedTuple):
@@ -45,6 +45,20 @@ class MemberRun(NamedTuple):
 
 # (x, w, w_total, params, cov, reg_covar, prior, chunk_size) -> (new params, lower bound, ok)
 StepFn = Callable[..., tuple]
+
+
+def member_outputs(m: int, max_iter: int, dtype, device) -> tuple[Tensor, ...]:
+    """Fresh per-member outputs of a run (shared by EM, SQUAREM and the gradient mode):
+    ``(lower_bound, n_iter, converged, failed, history, passes, elapsed)`` as in :class:`MemberRun`."""
+    return (
+        torch.full((m,), -torch.inf, dtype=dtype, device=device),
+        torch.zeros(m, dtype=torch.long, device=device),
+        torch.zeros(m, dtype=torch.bool, device=device),
+        torch.zeros(m, dtype=torch.bool, device=device),
+        torch.full((m, max_iter), torch.nan, dtype=dtype, device=device),
+        torch.full((m, max_iter), torch.nan, dtype=dtype, device=device),
+        torch.full((max_iter,), torch.nan, dtype=torch.float64),
+    )
 
 
 def em_step(
@@ -125,13 +139,7 @@ def run_em(
     series_of = torch.arange(m, device=device) // n_init  # (M,)
 
     out = init.map(lambda t: t.reshape(m, *t.shape[2:]).clone())
-    out_lb = torch.full((m,), -torch.inf, dtype=dtype, device=device)
-    out_n_iter = torch.zeros(m, dtype=torch.long, device=device)
-    out_conv = torch.zeros(m, dtype=torch.bool, device=device)
-    out_failed = torch.zeros(m, dtype=torch.bool, device=device)
-    history = torch.full((m, max_iter), torch.nan, dtype=dtype, device=device)
-    passes = torch.full((m, max_iter), torch.nan, dtype=dtype, device=device)
-    elapsed = torch.full((max_iter,), torch.nan, dtype=torch.float64)
+    out_lb, out_n_iter, out_conv, out_failed, history, passes, elapsed = member_outputs(m, max_iter, dtype, device)
 
     if max_iter == 0:
         lb0 = log_likelihood(x.unsqueeze(1), w.unsqueeze(1), w_total.unsqueeze(1), init, cov, chunk_size)

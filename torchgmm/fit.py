@@ -216,7 +216,7 @@ def fit(
     _check_memory(n_series * n_init, k, d, cov, x)
 
     # -- initialization --------------------------------------------------------------------
-    use_compile = should_compile(compile, x.device, float(n_series) * n_init * n * k * max(max_iter, 1))
+    use_compile = should_compile(compile, x.device, float(n_series) * n_init * n * k * max(max_iter, 1), d)
     given = {}
     if warm_start is not None:
         start = to_standard(GMMParams(*(t.reshape(n_series, *t.shape[len(batch_shape):]).to(**factory) for t in warm_start)))
@@ -238,7 +238,10 @@ def fit(
             init = GMMParams(**{name: t.unsqueeze(1) for name, t in given.items()})
         else:
             gen = make_generator(random_state)
-            init, distinct_ok = initialize(xs, w, k, n_restarts, init_params, cov, reg, gen, compile=use_compile)
+            init_chunk = chunk_size or _auto_chunk(n_series * n_restarts, k, n, d, x.element_size(), memory_budget)
+            init, distinct_ok = initialize(
+                xs, w, k, n_restarts, init_params, cov, reg, gen, compile=use_compile, chunk_size=init_chunk
+            )
             short = ~distinct_ok.all(-1) & ~empty
             if warn and bool(short.any()):
                 warnings.warn(

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .covariance import Covariance, get_covariance
 from .density import GMMParams, log_prob
-from .em import MemberRun, em_step
+from .em import MemberRun, em_step, member_outputs
 
 __all__ = [
     "trace_precision",
@@ -340,13 +340,7 @@ def run_gradient(
     m = pool.m
 
     theta_out = packer.pack(init.map(lambda t: t.reshape(m, *t.shape[2:]).to(dtype))).detach().clone()  # (M, P)
-    out_lb = torch.full((m,), -torch.inf, dtype=dtype, device=device)
-    out_n_iter = torch.zeros(m, dtype=torch.long, device=device)
-    out_conv = torch.zeros(m, dtype=torch.bool, device=device)
-    out_failed = torch.zeros(m, dtype=torch.bool, device=device)
-    history = torch.full((m, max_iter), torch.nan, dtype=dtype, device=device)
-    passes = torch.full((m, max_iter), torch.nan, dtype=dtype, device=device)
-    elapsed = torch.full((max_iter,), torch.nan, dtype=torch.float64)
+    out_lb, out_n_iter, out_conv, out_failed, history, passes, elapsed = member_outputs(m, max_iter, dtype, device)
 
     def result(interrupted=False):
         params = packer.unpack(theta_out)

@@ -13,7 +13,10 @@ Pure tensor functions; no validation here.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
+from typing import Optional
 import torch
 from torch import Tensor
 
@@ -63,6 +66,23 @@ def _gather_points(x: Tensor, idx: Tensor) -> Tensor:
     return x[batch, idx]
 
 
+def _squared_distances(x: Tensor, c: Tensor) -> Tensor:
+    """``|x_n - c_l|^2`` for ``x (B, N, D)`` and ``c (B, R, L, D)``: ``(B, R, L, N)``.
+
+    Few features: the direct difference (exact; fuses when compiled). Many features: the BLAS
+    expansion ``|x|^2 - 2 x.c + |c|^2``, with values at rounding level set to exactly 0 so that
+    a repeated point still counts as "not new".
+    """
+    xb = x.unsqueeze(1).unsqueeze(1)  # (B, 1, 1, N, D)
+    if x.shape[-1] <= 2:
+        return (xb - c.unsqueeze(-2)).square().sum(-1)
+    x_sq = xb.square().sum(-1)  # (B, 1, 1, N)
+    c_sq = c.square().sum(-1, keepdim=True)  # (B, R, L, 1)
+    d2 = x_sq + c_sq - 2 * (c @ x.mT.unsqueeze(1))  # (B, R, L, D) @ (B, 1, D, N)
+    noise = 100 * torch.finfo(x.dtype).eps * (x_sq + c_sq)
+    return torch.where(d2 <= noise, torch.zeros((), dtype=x.dtype, device=x.device), d2)
+
+
 def _seed_step(x: Tensor, base: Tensor, d2: Tensor, u: Tensor, d2_weighting: bool):
     """Draw the next seed for every restart: ``(seed (B, R, D), d2 (B, R, N), has_new (B, R))``.
 
@@ -75,8 +95,7 @@ def _seed_step(x: Tensor, base: Tensor, d2: Tensor, u: Tensor, d2_weighting: boo
     prob = torch.where(has_new.unsqueeze(-1), prob, base)
     idx = _draw_index(prob.unsqueeze(-2), u.unsqueeze(-1))  # (B, R, L)
     cand = _gather_points(x, idx)  # (B, R, L, D)
-    cand_d2 = (x.unsqueeze(1).unsqueeze(1) - cand.unsqueeze(-2)).square().sum(-1)  # (B, R, L, N)
-    cand_d2 = torch.minimum(d2.unsqueeze(-2), cand_d2)
+    cand_d2 = torch.minimum(d2.unsqueeze(-2), _squared_distances(x, cand))  # (B, R, L, N)
     best = (cand_d2 * base.unsqueeze(-2)).sum(-1).argmin(-1, keepdim=True)  # (B, R, 1)
     seed = torch.gather(cand, 2, best.unsqueeze(-1).expand(-1, -1, 1, cand.shape[-1])).squeeze(2)
     d2 = torch.gather(cand_d2, 2, best.unsqueeze(-1).expand(-1, -1, 1, cand_d2.shape[-1])).squeeze(2)
@@ -161,6 +180,7 @@ def initialize(
     reg_covar: Tensor,
     gen: torch.Generator,
     compile: bool = False,
+    chunk_size: Optional[int] = None,
 ) -> tuple[GMMParams, Tensor]:
     """Initial parameters ``(B, R, ...)`` and ``distinct_ok (B, R)`` (False where the seeds could
     not all be distinct points).
@@ -187,6 +207,10 @@ def initialize(
     )
     labels, centers = kmeans(x, w, seeds, max_iter=KMEANS_MAX_ITER if init_params == "kmeans" else 1, compile=compile)
     stats_fn = compiled(partition_statistics) if compile else partition_statistics
-    stats = stats_fn(x.unsqueeze(1), w.unsqueeze(1), labels, centers, cov)
+    xb, wb, step = x.unsqueeze(1), w.unsqueeze(1), chunk_size or x.shape[-2]
+    stats = functools.reduce(operator.add, (
+        stats_fn(xb[..., s : s + step, :], wb[..., s : s + step], labels[..., s : s + step], centers, cov)
+        for s in range(0, x.shape[-2], step)
+    ))  # additive over chunks of points: bounded memory
     params, _ = m_step(stats, centers, cov, reg)
     return params, distinct_ok

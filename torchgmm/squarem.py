@@ -40,7 +40,7 @@ from torch import Tensor
 from ._compile import compiled
 from .covariance import Covariance, get_covariance
 from .density import GMMParams
-from .em import MemberRun, _all_finite, em_step
+from .em import MemberRun, _all_finite, em_step, member_outputs
 from .gradient import ParamPacker, _Members, penalized_em_step
 from .stats import e_step_statistics
 
@@ -81,13 +81,7 @@ def run_squarem(
     m = pool.m
 
     out = init.map(lambda t: t.reshape(m, *t.shape[2:]).clone())
-    out_lb = torch.full((m,), -torch.inf, dtype=dtype, device=device)
-    out_n_iter = torch.zeros(m, dtype=torch.long, device=device)
-    out_conv = torch.zeros(m, dtype=torch.bool, device=device)
-    out_failed = torch.zeros(m, dtype=torch.bool, device=device)
-    history = torch.full((m, max_iter), torch.nan, dtype=dtype, device=device)
-    passes = torch.full((m, max_iter), torch.nan, dtype=dtype, device=device)
-    elapsed = torch.full((max_iter,), torch.nan, dtype=torch.float64)
+    out_lb, out_n_iter, out_conv, out_failed, history, passes, elapsed = member_outputs(m, max_iter, dtype, device)
     idx = torch.arange(m, device=device)  # working members
     params = out.map(lambda t: t.clone())  # current iterate per working member (flat)
     l_prev = torch.full((m,), -torch.inf, dtype=dtype, device=device)  # F of the last accepted point
