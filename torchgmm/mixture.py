@@ -301,17 +301,21 @@ class GaussianMixture(nn.Module):
         k, d = self.loc.shape[-2:]
         return self._cov.n_parameters(k, d)
 
-    def bic(self, X, sample_weight=None) -> Tensor:
-        """Bayesian information criterion per dataset, ``(*B,)`` (lower is better)."""
+    def _fit_and_count(self, X, sample_weight) -> tuple[Tensor, Tensor]:
+        """``(-2 * total log-likelihood, positive-weight points)`` per dataset, for BIC and AIC."""
         x = self._validated(X)
         n = validation.as_sample_weight(sample_weight, x).gt(0).sum(-1).to(x.dtype)
-        return -2 * self.score(x, sample_weight=sample_weight) * n + self._n_parameters() * torch.log(n)
+        return -2 * self.score(x, sample_weight=sample_weight) * n, n
+
+    def bic(self, X, sample_weight=None) -> Tensor:
+        """Bayesian information criterion per dataset, ``(*B,)`` (lower is better)."""
+        deviance, n = self._fit_and_count(X, sample_weight)
+        return deviance + self._n_parameters() * torch.log(n)
 
     def aic(self, X, sample_weight=None) -> Tensor:
         """Akaike information criterion per dataset, ``(*B,)`` (lower is better)."""
-        x = self._validated(X)
-        n = validation.as_sample_weight(sample_weight, x).gt(0).sum(-1).to(x.dtype)
-        return -2 * self.score(x, sample_weight=sample_weight) * n + 2 * self._n_parameters()
+        deviance, _ = self._fit_and_count(X, sample_weight)
+        return deviance + 2 * self._n_parameters()
 
     def sample(self, n_samples: int = 1, random_state=None) -> tuple[Tensor, Tensor]:
         """Draw ``n_samples`` points per dataset: ``(X (*B, n, D), labels (*B, n))``."""
