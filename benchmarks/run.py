@@ -94,7 +94,8 @@ def worker(spec: dict) -> dict:
     task = peers.Task(K=p["K"], covariance_type=p["covariance_type"], n_init=p["n_init"],
                       max_iter=p["max_iter"], tol=p["tol"], reg_covar=p["reg_covar"],
                       init_params=p["init_params"], seed=p["seed"], dtype=spec["dtype"],
-                      device=spec["device"], seed_per_series=p["seed_per_series"])
+                      device=spec["device"], seed_per_series=p["seed_per_series"],
+                      compile=spec.get("compile", "auto"))
     fit = peers.ADAPTERS[m].fit
     task.device = spec["device"] if m in TORCH_METHODS else "cpu"
     cuda = task.device.startswith("cuda")
@@ -104,15 +105,14 @@ def worker(spec: dict) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         hwm_reset, base = reset_peak_rss(), rss_mb("VmRSS")
-    if p["warmup"]:
-        fit(X, task)
+    first = fit(X, task).seconds if p["warmup"] else None  # includes any JIT compilation
     outs = [fit(X, task) for _ in range(p["repeats"])]
     if cuda:
         mem, mem_kind = (torch.cuda.max_memory_allocated() - base) / 2**20, "cuda"
     else:
         mem, mem_kind = rss_mb("VmHWM") - base, "rss" if hwm_reset else "rss*"
     o = outs[-1]
-    return dict(seconds=[r.seconds for r in outs], ll=mean_loglik(X, o.weights, o.means, o.covariances).tolist(),
+    return dict(seconds=[r.seconds for r in outs], first_seconds=first, ll=mean_loglik(X, o.weights, o.means, o.covariances).tolist(),
                 min_var=min_variance(o.covariances).tolist(), mem_mb=mem, mem_kind=mem_kind)
 
 
@@ -146,14 +146,16 @@ def cells(cfg: dict, quick: bool, threads: int | None = None):
                 continue
             a = peers.ADAPTERS[name]
             dtypes = mcfg.get("dtype", a.dtypes[0])
-            for dtype in dtypes if isinstance(dtypes, list) else [dtypes]:
+            compiles = mcfg.get("compile", [None])  # torchgmm only: one row per `compile` setting
+            for dtype, comp in itertools.product(dtypes if isinstance(dtypes, list) else [dtypes],
+                                                 compiles if isinstance(compiles, list) else [compiles]):
                 task = peers.Task(K=p["K"], covariance_type=p["covariance_type"],
                                   init_params=p["init_params"], dtype=dtype)
                 if importlib.util.find_spec(a.module) is None:
                     skip = f"not installed (import {a.module} failed)"
                 else:
                     skip = peers.unsupported(name, task)
-                yield dict(label=label, kind=kind, params=p, method=name, dtype=dtype,
+                yield dict(label=label, kind=kind, params=p, method=name, dtype=dtype, compile=comp,
                            n=min(p["B"], mcfg.get("max_series", p["B"])), threads=threads or mcfg.get("threads"),
                            **({"skip": skip} if skip else {}))
 
@@ -162,6 +164,8 @@ def run_cell(cell: dict, device: str, timeout: float) -> dict:
     """Run one cell in a fresh worker; `threads` caps OpenMP/BLAS threads (torch, numpy, scikit-learn)."""
     spec = dict(kind=cell["kind"], params=cell["params"], method=cell["method"], dtype=cell["dtype"],
                 n_series=cell["n"], device=device)
+    if cell.get("compile") is not None:
+        spec["compile"] = cell["compile"]
     env = dict(os.environ)
     if cell["threads"]:
         env.update({v: str(cell["threads"]) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
@@ -239,6 +243,9 @@ def summarize(rows: list[dict]) -> None:
             notes.append(f"{collapsed.sum()} series collapsed")
         if r["failed"]:
             notes.append(f"{r['failed']} series NaN/non-PD")
+        first = r.get("first_seconds")
+        if first is not None and first > 2 * np.median(r["seconds"]) + 0.5:
+            notes.append(f"first call {first:.3g} s (JIT compile)")
         if r["other_load"] > 0.25:
             notes.append(f"busy: other processes used {r['other_load']:.1f} cores")
         r["note"] = "; ".join(notes)
@@ -254,6 +261,7 @@ def fmt_rows(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
         method = r["method"] + (f" ({r['threads']} thr)" if r.get("threads") else "")
+        method += f" compile={r['compile']}" if r.get("compile") is not None else ""
         if "seconds" not in r:
             out.append([r["label"], method, r["dtype"], "", "", "", "", "", "", "skipped: " + r["skip"]])
             continue
@@ -271,7 +279,9 @@ def footnotes(info: dict) -> list[str]:
         "series timed; fit only (data already converted/on device; CUDA synchronized). A method with fewer "
         "series than B timed a subsample (the first `max_series`).",
         "vs sklearn: scikit-learn s/series / method s/series (>1 = faster). Methods use all cores unless "
-        "marked '(n thr)' (OpenMP/BLAS threads capped by the config's `threads`).",
+        "marked '(n thr)' (OpenMP/BLAS threads capped by the config's `threads`). torchgmm compile=...: its "
+        "`compile` setting (True: torch.compile'd E-step/statistics and k-means steps; auto: compiled only "
+        "when the expected work outweighs a cold compile).",
         "mean ll: mean log-likelihood per sample from the returned parameters, one float64 evaluator for all "
         "methods, averaged over the series scikit-learn also fitted (all series: mean_ll_all in the JSON); "
         "Δll vs sk: method minus scikit-learn on those series (NaN fits excluded, counted in note).",
@@ -280,7 +290,7 @@ def footnotes(info: dict) -> list[str]:
         "'rss*' = VmHWM could not be reset (lifetime peak).",
         "note: SEED share of seeds reaching the best non-degenerate optimum / share collapsed "
         "(a component variance <= 10*reg_covar; other workloads: count of such series, whose higher ll is "
-        "degenerate); series whose parameters were NaN or not positive definite; 'busy' = CPU time other processes took while the cell ran (timings then inflated).",
+        "degenerate); series whose parameters were NaN or not positive definite; 'first call': the warm-up fit's time when it was much longer than the median (JIT compilation; torch's on-disk cache makes later processes faster); 'busy' = CPU time other processes took while the cell ran (timings then inflated).",
     ]
 
 

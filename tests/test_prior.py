@@ -76,7 +76,7 @@ def test_map_m_step_maximizes_expected_complete_log_likelihood_plus_log_prior(co
     means = params.means.clone().requires_grad_(True)
     raw = cov.to_unconstrained(params.prec_chol).clone().requires_grad_(True)
     at = GMMParams(params.log_weights, means, cov.from_unconstrained(raw))
-    joint, _ = joint_log_prob(x, at, cov)
+    joint = joint_log_prob(x, at, cov)
     objective = (resp * (joint - at.log_weights.unsqueeze(-1))).sum() + prior.log_prior(at, cov).sum()
     g_means, g_raw = torch.autograd.grad(objective, [means, raw])
     if cov_type in ("full", "tied"):

@@ -25,6 +25,7 @@ from .covariance import LOG_2PI, Covariance, get_covariance
 __all__ = [
     "GMMParams",
     "joint_log_prob",
+    "joint_log_prob_and_diff",
     "component_log_prob",
     "log_prob",
     "log_responsibilities",
@@ -44,15 +45,14 @@ class GMMParams(NamedTuple):
         return GMMParams(*(fn(t) for t in self))
 
 
-def joint_log_prob(
-    x: Tensor, params: GMMParams, covariance_type: str | Covariance
-) -> tuple[Tensor, Tensor]:
-    """``log w_k + log N(x_n | mu_k, Sigma_k)`` as ``(*B, K, N)``, and ``diff = x - mu`` as
-    ``(*B, K, N, D)``.
+def joint_log_prob(x: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Tensor:
+    """``log w_k + log N(x_n | mu_k, Sigma_k)`` as ``(*B, K, N)``."""
+    return joint_log_prob_and_diff(x, params, covariance_type)[0]
 
-    ``diff`` is returned so that the M-step's scatter reuses it: the E-step and the statistics
-    share one pass over the data, centred on the current means.
-    """
+
+def joint_log_prob_and_diff(x: Tensor, params: GMMParams, covariance_type: str | Covariance) -> tuple[Tensor, Tensor]:
+    """:func:`joint_log_prob` and ``diff = x - mu`` ``(*B, K, N, D)``, which the statistics reuse:
+    the E-step and the statistics share one pass over the data, centred on the current means."""
     cov = get_covariance(covariance_type)
     n_features = x.shape[-1]
     diff = x.unsqueeze(-3) - params.means.unsqueeze(-2)  # (*B, K, N, D)
@@ -64,17 +64,17 @@ def joint_log_prob(
 
 def component_log_prob(x: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Tensor:
     """Weighted per-component log-density ``log w_k + log N(x_n | k)``, ``(*B, N, K)``."""
-    return joint_log_prob(x, params, covariance_type)[0].transpose(-1, -2)
+    return joint_log_prob(x, params, covariance_type).transpose(-1, -2)
 
 
 def log_prob(x: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Tensor:
     """Per-sample mixture log-density ``log p(x_n)``, ``(*B, N)``."""
-    return torch.logsumexp(joint_log_prob(x, params, covariance_type)[0], dim=-2)
+    return torch.logsumexp(joint_log_prob(x, params, covariance_type), dim=-2)
 
 
 def log_responsibilities(x: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Tensor:
     """``log p(k | x_n)``, ``(*B, N, K)``; rows sum to one after ``exp`` (normalized over K)."""
-    joint = joint_log_prob(x, params, covariance_type)[0]  # (*B, K, N)
+    joint = joint_log_prob(x, params, covariance_type)  # (*B, K, N)
     return (joint - torch.logsumexp(joint, dim=-2, keepdim=True)).transpose(-1, -2)
 
 

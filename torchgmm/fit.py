@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import validation
-from ._compile import should_compile
+from ._compile import compiled, should_compile
 from .covariance import get_covariance
 from .density import GMMParams
 from .em import run_em
@@ -187,7 +187,8 @@ def fit(
     x = torch.where(empty[:, None, None], torch.zeros((), **factory), x)
     w = w * (n_valid.clamp_min(1) / w.sum(-1)).unsqueeze(-1).to(x.dtype)  # weights in units of points
 
-    xs, shift, scale, reg = standardize(x, w, reg_covar)
+    use_compile = should_compile(compile, float(n_series) * n_init * n * k * d * max(max_iter, 1))
+    xs, shift, scale, reg = (compiled(standardize) if use_compile else standardize)(x, w, reg_covar)
     too_big = scale.square() > torch.finfo(x.dtype).max / 16
     if bool(too_big.any()):
         first = tuple(int(i) for i in torch.unravel_index(too_big.nonzero()[0, 0], batch_shape))
@@ -216,7 +217,6 @@ def fit(
     _check_memory(n_series * n_init, k, d, cov, x)
 
     # -- initialization --------------------------------------------------------------------
-    use_compile = should_compile(compile, x.device, float(n_series) * n_init * n * k * max(max_iter, 1), d)
     given = {}
     if warm_start is not None:
         start = to_standard(GMMParams(*(t.reshape(n_series, *t.shape[len(batch_shape):]).to(**factory) for t in warm_start)))

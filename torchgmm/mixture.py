@@ -267,7 +267,7 @@ class GaussianMixture(nn.Module):
 
     def component_log_prob(self, X: Tensor) -> Tensor:
         """``log w_k + log N(x | k)``, ``(*B, N, K)``; differentiable."""
-        return joint_log_prob(self._as_input(X), self.mixture_params(), self._cov)[0].transpose(-1, -2)
+        return joint_log_prob(self._as_input(X), self.mixture_params(), self._cov).transpose(-1, -2)
 
     # -- scikit-learn's methods (validated input, detached output) --------------------------
     def _validated(self, X) -> Tensor:
@@ -295,7 +295,7 @@ class GaussianMixture(nn.Module):
     def predict(self, X) -> Tensor:
         """Most likely component per sample, ``(*B, N)``."""
         with torch.no_grad():
-            return joint_log_prob(self._validated(X), self._detached(), self._cov)[0].argmax(-2)
+            return joint_log_prob(self._validated(X), self._detached(), self._cov).argmax(-2)
 
     def _n_parameters(self) -> int:
         k, d = self.loc.shape[-2:]

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._ops import matmul
 from .covariance import Covariance, get_covariance
-from .density import GMMParams, joint_log_prob
+from .density import GMMParams, joint_log_prob_and_diff
 
 __all__ = [
     "Stats", "statistics", "e_step_statistics", "partition_statistics", "m_step", "chunked_sum",
@@ -57,7 +57,7 @@ def e_step_statistics(
     ``params`` (the EM lower bound before this M-step).
     """
     cov = get_covariance(covariance_type)
-    joint, diff = joint_log_prob(x, params, cov)  # (*B, K, N), (*B, K, N, D)
+    joint, diff = joint_log_prob_and_diff(x, params, cov)  # (*B, K, N), (*B, K, N, D)
     log_norm = torch.logsumexp(joint, dim=-2)  # (*B, N)
     resp = torch.exp(joint - log_norm.unsqueeze(-2)) * w.unsqueeze(-2)  # (*B, K, N)
     return statistics(diff, resp, cov, (w * log_norm).sum(-1))
