@@ -28,7 +28,7 @@ class Task:
     dtype: str = "float64"
     device: str = "cpu"
     seed_per_series: bool = False  # batched methods must give series i its own seed (SEED workload)
-    compile: object = "auto"  # torchgmm's `compile` setting ("auto", True, False)
+    options: dict = None  # torchgmm only: extra GaussianMixture settings (compile, prune_after, ...)
 
 
 @dataclass
@@ -174,7 +174,7 @@ def fit_torchgmm(X, t: Task) -> FitOut:
     parts = list(Xt.split(1)) if t.seed_per_series else [Xt]
     gms = [torchgmm.GaussianMixture(n_components=t.K, covariance_type=t.covariance_type, tol=t.tol,
                                     reg_covar=t.reg_covar, max_iter=t.max_iter, n_init=t.n_init,
-                                    init_params=t.init_params, random_state=t.seed + i, compile=t.compile)
+                                    init_params=t.init_params, random_state=t.seed + i, **(t.options or {}))
            for i in range(len(parts))]
     with Timer(t.device) as tm:
         for gm, x in zip(gms, parts):

@@ -95,7 +95,7 @@ def worker(spec: dict) -> dict:
                       max_iter=p["max_iter"], tol=p["tol"], reg_covar=p["reg_covar"],
                       init_params=p["init_params"], seed=p["seed"], dtype=spec["dtype"],
                       device=spec["device"], seed_per_series=p["seed_per_series"],
-                      compile=spec.get("compile", "auto"))
+                      options=spec.get("options"))
     fit = peers.ADAPTERS[m].fit
     task.device = spec["device"] if m in TORCH_METHODS else "cpu"
     cuda = task.device.startswith("cuda")
@@ -146,16 +146,15 @@ def cells(cfg: dict, quick: bool, threads: int | None = None):
                 continue
             a = peers.ADAPTERS[name]
             dtypes = mcfg.get("dtype", a.dtypes[0])
-            compiles = mcfg.get("compile", [None])  # torchgmm only: one row per `compile` setting
-            for dtype, comp in itertools.product(dtypes if isinstance(dtypes, list) else [dtypes],
-                                                 compiles if isinstance(compiles, list) else [compiles]):
+            options = mcfg.get("variants", [None])  # torchgmm only: one row per dict of extra settings
+            for dtype, opts in itertools.product(dtypes if isinstance(dtypes, list) else [dtypes], options):
                 task = peers.Task(K=p["K"], covariance_type=p["covariance_type"],
                                   init_params=p["init_params"], dtype=dtype)
                 if importlib.util.find_spec(a.module) is None:
                     skip = f"not installed (import {a.module} failed)"
                 else:
                     skip = peers.unsupported(name, task)
-                yield dict(label=label, kind=kind, params=p, method=name, dtype=dtype, compile=comp,
+                yield dict(label=label, kind=kind, params=p, method=name, dtype=dtype, options=opts,
                            n=min(p["B"], mcfg.get("max_series", p["B"])), threads=threads or mcfg.get("threads"),
                            **({"skip": skip} if skip else {}))
 
@@ -164,8 +163,8 @@ def run_cell(cell: dict, device: str, timeout: float) -> dict:
     """Run one cell in a fresh worker; `threads` caps OpenMP/BLAS threads (torch, numpy, scikit-learn)."""
     spec = dict(kind=cell["kind"], params=cell["params"], method=cell["method"], dtype=cell["dtype"],
                 n_series=cell["n"], device=device)
-    if cell.get("compile") is not None:
-        spec["compile"] = cell["compile"]
+    if cell.get("options"):
+        spec["options"] = cell["options"]
     env = dict(os.environ)
     if cell["threads"]:
         env.update({v: str(cell["threads"]) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
@@ -261,7 +260,7 @@ def fmt_rows(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
         method = r["method"] + (f" ({r['threads']} thr)" if r.get("threads") else "")
-        method += f" compile={r['compile']}" if r.get("compile") is not None else ""
+        method += "".join(f" {k}={v}" for k, v in (r.get("options") or {}).items())
         if "seconds" not in r:
             out.append([r["label"], method, r["dtype"], "", "", "", "", "", "", "skipped: " + r["skip"]])
             continue
@@ -279,9 +278,10 @@ def footnotes(info: dict) -> list[str]:
         "series timed; fit only (data already converted/on device; CUDA synchronized). A method with fewer "
         "series than B timed a subsample (the first `max_series`).",
         "vs sklearn: scikit-learn s/series / method s/series (>1 = faster). Methods use all cores unless "
-        "marked '(n thr)' (OpenMP/BLAS threads capped by the config's `threads`). torchgmm compile=...: its "
-        "`compile` setting (True: torch.compile'd E-step/statistics and k-means steps; auto: compiled only "
-        "when the expected work outweighs a cold compile).",
+        "marked '(n thr)' (OpenMP/BLAS threads capped by the config's `threads`). torchgmm key=value: its "
+        "settings for that row (compile=True: torch.compile'd E-step/statistics and k-means steps; default "
+        "'auto' compiles only when the work bound outweighs a cold compile; prune_after=n: after n EM "
+        "iterations only each series' best restart goes on).",
         "mean ll: mean log-likelihood per sample from the returned parameters, one float64 evaluator for all "
         "methods, averaged over the series scikit-learn also fitted (all series: mean_ll_all in the JSON); "
         "Δll vs sk: method minus scikit-learn on those series (NaN fits excluded, counted in note).",
