@@ -246,3 +246,21 @@ def test_recovers_known_parameters_of_hundreds_of_series_in_one_call():
     for i in range(0, n_series, 30):
         theirs = GaussianMixture(3, random_state=0, tol=1e-6, max_iter=500).fit(x[i]).score(x[i])
         assert ours[i] >= theirs - 1e-6, f"series {i}: mean log-likelihood {ours[i]} < sklearn's {theirs}"
+
+
+@pytest.mark.parametrize("init_params", INIT_METHODS)
+def test_fit_in_cache_blocks_equals_one_block(init_params, monkeypatch):
+    """Initialization and EM run on blocks of members (cache-sized); with blocks of one series
+    the fit must be the same as with the whole batch in one block."""
+    import sys
+
+    x = batch_of_blobs(n_series=7, d=2)
+    settings = dict(n_init=3, random_state=0, init_params=init_params, warn=False, **SETTINGS)
+    one_block = torchgmm.fit(x, 3, **settings)
+    monkeypatch.setattr(sys.modules["torchgmm.fit"], "BLOCK_BYTES", 1)  # one series (or member) per block
+    many_blocks = torchgmm.fit(x, 3, **settings)
+    assert torch.equal(many_blocks.n_iter, one_block.n_iter)
+    assert torch.equal(many_blocks.best_restart, one_block.best_restart)
+    torch.testing.assert_close(many_blocks.restart_lower_bounds, one_block.restart_lower_bounds, rtol=0, atol=1e-12)
+    for name in ("log_weights", "means", "prec_chol"):
+        torch.testing.assert_close(getattr(many_blocks.params, name), getattr(one_block.params, name), rtol=0, atol=1e-10)

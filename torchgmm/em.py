@@ -26,7 +26,7 @@ from .covariance import Covariance, get_covariance
 from .density import GMMParams
 from .stats import chunked_sum, e_step_statistics, m_step
 
-__all__ = ["MemberRun", "member_outputs", "em_step", "run_em", "log_likelihood"]
+__all__ = ["MemberRun", "member_outputs", "em_step", "in_blocks", "run_em", "log_likelihood"]
 
 
 class MemberRun(NamedTuple):
@@ -77,6 +77,31 @@ def em_step(
     return new, stats.log_lik / w_total, ok
 
 
+def in_blocks(step: StepFn, block_members: Optional[int]) -> StepFn:
+    """``step`` run on blocks of about ``block_members`` members at a time (whole rows of dim 0:
+    series with their restarts, or single members once compacted), outputs concatenated: per
+    member the same numbers, but each block's temporaries stay in cache."""
+    if block_members is None:
+        return step
+
+    def blocked(x, w, w_total, params, cov, reg_covar, prior=None, chunk_size=None):
+        rows = params.log_weights.shape[0]
+        block_rows = max(1, block_members // params.log_weights.shape[1:-1].numel())
+        if rows <= block_rows:
+            return step(x, w, w_total, params, cov, reg_covar, prior, chunk_size)
+        outs = []
+        for start in range(0, rows, block_rows):
+            part = slice(start, start + block_rows)
+            outs.append(step(
+                x[part], w[part], w_total[part], params.map(lambda t: t[part]), cov, reg_covar[part],
+                _map_optional(prior, lambda t: t[part]), chunk_size,
+            ))
+        news, lls, oks = zip(*outs)
+        return GMMParams(*(torch.cat(ts) for ts in zip(*news))), torch.cat(lls), torch.cat(oks)
+
+    return blocked
+
+
 def log_likelihood(x, w, w_total, params: GMMParams, cov, chunk_size=None) -> Tensor:
     """Weighted mean log-likelihood of ``params``, shape of the parameters' leading dims."""
     stats = chunked_sum(lambda xc, wc: e_step_statistics(xc, wc, params, cov), x, w, chunk_size)
@@ -120,6 +145,7 @@ def run_em(
     prune_after: Optional[int] = None,
     compact_below: float = 0.5,
     catch_interrupt: bool = True,
+    block_members: Optional[int] = None,
 ) -> MemberRun:
     """Run EM for ``init (B, R, ...)`` on standardized ``x (B, N, D)``, weights ``w (B, N)``.
 
@@ -127,11 +153,13 @@ def run_em(
     series (both are rescaled with the data). ``step`` replaces :func:`em_step`; ``compile``
     fuses the E-step and statistics with ``torch.compile``. ``prune_after``: after that many
     iterations only the best restart of each series (highest lower bound so far) goes on; the
-    others stop where they are (not converged). Returns a :class:`MemberRun`.
+    others stop where they are (not converged). ``block_members``: each iteration runs on blocks of
+    about that many members (see :func:`in_blocks`). Returns a :class:`MemberRun`.
     """
     cov = get_covariance(covariance_type)
     if step is None:
         step = functools.partial(em_step, stats_fn=compiled(e_step_statistics) if compile else e_step_statistics)
+    step = in_blocks(step, block_members)
     n_series, n_init = init.log_weights.shape[:2]
     m = n_series * n_init
     device, dtype = x.device, x.dtype

@@ -34,6 +34,11 @@ __all__ = ["fit", "standardize", "DEFAULT_MEMORY_BUDGET"]
 # Bytes the E-step's temporaries may use at once; the points are processed in chunks to stay below.
 DEFAULT_MEMORY_BUDGET = 1 << 30
 
+# Bytes of one block of members' (K, N, D) working data: an iteration, and the initialization, run
+# on blocks of members this size, so that the temporaries stay in cache (measured on the W1
+# workload, 2-core CPU: EM 4x faster eager and 2x compiled than one block of 100,000 members).
+BLOCK_BYTES = 8 << 20
+
 # A component is degenerate when its smallest variance is within this factor of reg_covar.
 DEGENERATE_FACTOR = 10.0
 
@@ -106,6 +111,25 @@ def _auto_chunk(n_members: int, n_components: int, n: int, d: int, itemsize: int
     return None if chunk >= n else int(chunk)
 
 
+def _block_members(k: int, n: int, d: int, itemsize: int, chunk_size: Optional[int]) -> int:
+    return max(1, BLOCK_BYTES // (k * min(n, chunk_size or n) * d * itemsize))
+
+
+def _initialize_in_blocks(xs, w, k, n_restarts, init_params, cov, reg, gen, block_series: int, **kwargs):
+    """:func:`initialize` on blocks of ``block_series`` series, every block from the same generator
+    state: the draws are shared by all series anyway (shaped ``(R, ...)``), so the result is the
+    same as one call on the whole batch, with each block's temporaries in cache."""
+    if xs.shape[0] <= block_series:
+        return initialize(xs, w, k, n_restarts, init_params, cov, reg, gen, **kwargs)
+    state, parts = gen.get_state(), []
+    for start in range(0, xs.shape[0], block_series):
+        gen.set_state(state)
+        part = slice(start, start + block_series)
+        parts.append(initialize(xs[part], w[part], k, n_restarts, init_params, cov, reg[part], gen, **kwargs))
+    inits, distinct = zip(*parts)
+    return GMMParams(*(torch.cat(ts) for ts in zip(*inits))), torch.cat(distinct)
+
+
 def fit(
     X,
     n_components: int = 1,
@@ -160,7 +184,7 @@ def fit(
     validation.check_settings(
         n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
         max_iter=max_iter, n_init=n_init, init_params=init_params, nan_policy=nan_policy,
-        init_methods=INIT_METHODS, method=method, optimizer=optimizer, lr=lr,
+        init_methods=INIT_METHODS, method=method, optimizer=optimizer, lr=lr, prune_after=prune_after,
     )
     cov = get_covariance(covariance_type)
     x, nan_rows = validation.as_data(X, dtype=dtype, device=device, n_features=n_features, nan_policy=nan_policy, min_samples=2)
@@ -239,8 +263,10 @@ def fit(
         else:
             gen = make_generator(random_state)
             init_chunk = chunk_size or _auto_chunk(n_series * n_restarts, k, n, d, x.element_size(), memory_budget)
-            init, distinct_ok = initialize(
-                xs, w, k, n_restarts, init_params, cov, reg, gen, compile=use_compile, chunk_size=init_chunk
+            block = _block_members(k, n, d, x.element_size(), init_chunk)
+            init, distinct_ok = _initialize_in_blocks(
+                xs, w, k, n_restarts, init_params, cov, reg, gen, max(1, block // n_restarts),
+                compile=use_compile, chunk_size=init_chunk,
             )
             short = ~distinct_ok.all(-1) & ~empty
             if warn and bool(short.any()):
@@ -278,7 +304,8 @@ def fit(
             extra = {"prune_after": prune_after} if method == "em" else {}
             run = runner(
                 xs, w, init, cov, reg, tol, max_iter, prior=prior_s, chunk_size=chunk_size,
-                compile=use_compile, catch_interrupt=catch_interrupt, **extra,
+                compile=use_compile, catch_interrupt=catch_interrupt,
+                block_members=_block_members(k, n, d, x.element_size(), chunk_size), **extra,
             )
 
     # -- per member: degenerate? then the best restart per series -----------------------------

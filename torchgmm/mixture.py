@@ -45,7 +45,8 @@ class GaussianMixture(nn.Module):
     ``method`` is ``"em"``, ``"squarem"`` (accelerated EM) or ``"gradient"`` (``optimizer``
     ``"lbfgs"`` or ``"adam"``, step size ``lr``); ``prior="default"`` turns on MAP estimation
     with the Fraley & Raftery (2007) conjugate prior. ``compile`` ("auto", True, False) fuses the
-    hot loops with ``torch.compile``; ``catch_interrupt`` turns Ctrl-C during a fit into a
+    hot loops with ``torch.compile``; ``prune_after=n`` lets only each series' best restart go on
+    after n EM iterations (a cheap restart strategy); ``catch_interrupt`` turns Ctrl-C during a fit into a
     best-so-far model flagged not converged (False: re-raise).
     """
 
@@ -76,6 +77,7 @@ class GaussianMixture(nn.Module):
         prior=None,
         catch_interrupt: bool = True,
         compile="auto",
+        prune_after: Optional[int] = None,
     ):
         super().__init__()
         self.n_components = n_components
@@ -102,6 +104,7 @@ class GaussianMixture(nn.Module):
         self.prior = prior
         self.catch_interrupt = catch_interrupt
         self.compile = compile
+        self.prune_after = prune_after
         self.result_: Optional[FitResult] = None
         for name in _PARAMETERS:
             self.register_parameter(name, None)
@@ -223,6 +226,7 @@ class GaussianMixture(nn.Module):
             prior=self.prior,
             catch_interrupt=self.catch_interrupt,
             compile=self.compile,
+            prune_after=self.prune_after,
             warn=True,
         )
         self._set_result(result)

@@ -40,7 +40,7 @@ from torch import Tensor
 from ._compile import compiled
 from .covariance import Covariance, get_covariance
 from .density import GMMParams
-from .em import MemberRun, _all_finite, em_step, member_outputs
+from .em import MemberRun, _all_finite, em_step, in_blocks, member_outputs
 from .gradient import ParamPacker, _Members, penalized_em_step
 from .stats import e_step_statistics
 
@@ -65,6 +65,7 @@ def run_squarem(
     compile: bool = False,
     compact_below: float = 0.5,
     catch_interrupt: bool = True,
+    block_members: Optional[int] = None,
 ) -> MemberRun:
     """SQUAREM (SqS3) for ``init (B, R, ...)`` on standardized ``x (B, N, D)``, ``w (B, N)``,
     ``reg_covar (B,)``; arguments and result as :func:`torchgmm.em.run_em` (``max_iter`` counts
@@ -73,6 +74,7 @@ def run_squarem(
     step = penalized_em_step if penalized else em_step
     if compile:
         step = functools.partial(step, stats_fn=compiled(e_step_statistics))
+    step = in_blocks(step, block_members)
     n_series, n_init, k = init.log_weights.shape
     d = x.shape[-1]
     device, dtype = x.device, x.dtype

@@ -57,6 +57,7 @@ def check_settings(
     method="em",
     optimizer="lbfgs",
     lr=None,
+    prune_after=None,
 ) -> None:
     """Validate estimator settings (at fit time, as scikit-learn does)."""
     _check_number("n_components", n_components, low=1, integer=True)
@@ -76,6 +77,13 @@ def check_settings(
         _check_number("lr", lr, low=0.0, low_inclusive=False)
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy={nan_policy!r} is not supported; choose one of {list(NAN_POLICIES)}")
+    if prune_after is not None:
+        _check_number("prune_after", prune_after, low=1, integer=True)
+        if method != "em":
+            raise ValueError(
+                f"prune_after={prune_after!r} applies to method='em' only (got method={method!r}); "
+                "set prune_after=None or use method='em'"
+            )
 
 
 def _to_tensor(value, name: str) -> Tensor:
