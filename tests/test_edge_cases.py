@@ -678,6 +678,25 @@ def test_row41_chunking_over_points_bounds_memory_without_changing_the_result():
         assert torch.equal(other.n_iter, whole.n_iter)
 
 
+@pytest.mark.parametrize("n_restarts, k, n, d", [(10, 3, 500, 1), (3, 4, 1000, 8), (1, 16, 1_000_000, 16), (1, 64, 50_000, 64), (5, 2, 10**7, 2)])
+@pytest.mark.parametrize("budget", [fit_module.DEFAULT_MEMORY_BUDGET, 100_000])
+def test_row41_blocks_and_chunks_bound_the_working_set_whatever_n(n_restarts, k, n, d, budget):
+    """The working data of a block (members x points x K x (D + 2) numbers) stays within the
+    block size (or one row's minimum chunk), however many points; small rows are not chunked."""
+    itemsize = 4
+    chunk, members = fit_module._blocking(n_restarts, k, n, d, itemsize, budget, None)
+    points = chunk or n
+    block_bytes = min(fit_module.BLOCK_BYTES, budget)
+    per_point = k * (d + 2) * itemsize
+    row_bytes = n_restarts * per_point * n
+    assert (chunk is None) == (row_bytes <= block_bytes)
+    floor = fit_module.MIN_CHUNK if block_bytes == fit_module.BLOCK_BYTES else 1
+    assert members * per_point * points <= max(block_bytes, n_restarts * per_point * floor)
+    assert members >= 1 and (chunk is None or chunk >= floor)
+    if chunk is None:  # whole rows per block, as many as fit
+        assert (members + n_restarts) * per_point * n > block_bytes
+
+
 def test_row41_an_impossible_request_is_an_error_estimating_the_bytes_before_allocating(monkeypatch):
     def must_not_allocate(*args, **kwargs):
         raise AssertionError("initialize() was reached: the parameters would have been allocated")

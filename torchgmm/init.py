@@ -139,31 +139,45 @@ def _one_hot(labels: Tensor, n_components: int, dtype) -> Tensor:
     return (labels.unsqueeze(-2) == ks).to(dtype)
 
 
-def kmeans_step(x: Tensor, w: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
-    """One weighted Lloyd step: ``(labels (B, R, N), new centers (B, R, K, D))``.
-
-    ``x (B, 1, N, D)``, ``w (B, 1, N)``. A cluster that loses all its points keeps its center.
-    """
+def kmeans_assign(x: Tensor, w: Tensor, centers: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Nearest-center labels ``(B, R, N)`` of ``x (B, 1, N, D)`` (weights ``w (B, 1, N)``) and the
+    weighted sums ``(B, R, K, D)`` and counts ``(B, R, K, 1)`` of each cell: additive over chunks
+    of points."""
     # Squared distances with K last: argmin over the contiguous axis is fast.
     d2 = matmul(x, centers.mT) * -2 + centers.square().sum(-1).unsqueeze(-2)  # (B, R, N, K); |x|^2 omitted
     labels = d2.argmin(-1)  # (B, R, N)
     wr = _one_hot(labels, centers.shape[-2], x.dtype) * w.unsqueeze(-2)  # (B, R, K, N)
-    nk = wr.sum(-1, keepdim=True)  # (B, R, K, 1)
-    means = matmul(wr, x) / nk.clamp_min(torch.finfo(x.dtype).tiny)
+    return labels, matmul(wr, x), wr.sum(-1, keepdim=True)
+
+
+def kmeans_step(x: Tensor, w: Tensor, centers: Tensor, chunk_size: Optional[int] = None, assign=kmeans_assign) -> tuple[Tensor, Tensor]:
+    """One weighted Lloyd step: ``(labels (B, R, N), new centers (B, R, K, D))``, over chunks of
+    ``chunk_size`` points (``assign`` is :func:`kmeans_assign` or its compiled twin).
+
+    ``x (B, 1, N, D)``, ``w (B, 1, N)``. A cluster that loses all its points keeps its center.
+    """
+    n = x.shape[-2]
+    step = chunk_size or n
+    parts = [assign(x[..., s : s + step, :], w[..., s : s + step], centers) for s in range(0, n, step)]
+    labels = torch.cat([p[0] for p in parts], -1) if len(parts) > 1 else parts[0][0]
+    sums = functools.reduce(operator.add, (p[1] for p in parts))
+    nk = functools.reduce(operator.add, (p[2] for p in parts))
+    means = sums / nk.clamp_min(torch.finfo(x.dtype).tiny)
     return labels, torch.where(nk > 0, means, centers)
 
 
-def kmeans(x: Tensor, w: Tensor, centers: Tensor, max_iter: int = KMEANS_MAX_ITER, compile: bool = False):
+def kmeans(x: Tensor, w: Tensor, centers: Tensor, max_iter: int = KMEANS_MAX_ITER, compile: bool = False,
+           chunk_size: Optional[int] = None):
     """Weighted Lloyd iterations from ``centers (B, R, K, D)``: ``(labels (B, R, N), centers)``,
     the centers being the means of the returned partition (where a cell is not empty).
 
     ``x (B, N, D)``, ``w (B, N)``. Stops when no label changes anywhere in the batch.
     """
-    step = compiled(kmeans_step) if compile else kmeans_step
+    assign = compiled(kmeans_assign) if compile else kmeans_assign
     xb, wb = x.unsqueeze(1), w.unsqueeze(1)
     labels = None
     for _ in range(max(max_iter, 1)):
-        new_labels, centers = step(xb, wb, centers)
+        new_labels, centers = kmeans_step(xb, wb, centers, chunk_size, assign)
         if labels is not None and torch.equal(new_labels, labels):
             break
         labels = new_labels
@@ -205,7 +219,9 @@ def initialize(
     seeds, distinct_ok = _seed_points(
         x, w, n_components, n_init, gen, d2_weighting=init_params != "random_from_data", compile=compile
     )
-    labels, centers = kmeans(x, w, seeds, max_iter=KMEANS_MAX_ITER if init_params == "kmeans" else 1, compile=compile)
+    labels, centers = kmeans(
+        x, w, seeds, max_iter=KMEANS_MAX_ITER if init_params == "kmeans" else 1, compile=compile, chunk_size=chunk_size
+    )
     stats_fn = compiled(partition_statistics) if compile else partition_statistics
     xb, wb, step = x.unsqueeze(1), w.unsqueeze(1), chunk_size or x.shape[-2]
     stats = functools.reduce(operator.add, (
