@@ -684,7 +684,7 @@ def test_row41_blocks_and_chunks_bound_the_working_set_whatever_n(n_restarts, k,
     """The working data of a block (members x points x K x (D + 2) numbers) stays within the
     block size (or one row's minimum chunk), however many points; small rows are not chunked."""
     itemsize = 4
-    chunk, members = fit_module._blocking(n_restarts, k, n, d, itemsize, budget, None)
+    chunk, members = fit_module._blocking(1000, n_restarts, k, n, d, itemsize, budget, None, torch.device("cpu"))
     points = chunk or n
     block_bytes = min(fit_module.BLOCK_BYTES, budget)
     per_point = k * (d + 2) * itemsize
@@ -695,6 +695,13 @@ def test_row41_blocks_and_chunks_bound_the_working_set_whatever_n(n_restarts, k,
     assert members >= 1 and (chunk is None or chunk >= floor)
     if chunk is None:  # whole rows per block, as many as fit
         assert (members + n_restarts) * per_point * n > block_bytes
+
+
+def test_row41_on_cuda_all_series_form_one_block_bounded_by_the_budget():
+    """The GPU wants large launches: no cache blocks there, only the memory budget chunks."""
+    chunk, members = fit_module._blocking(100_000, 10, 3, 500, 1, 4, fit_module.DEFAULT_MEMORY_BUDGET, None, torch.device("cuda"))
+    assert members >= 100_000 * 10
+    assert chunk is not None and 100_000 * 10 * 3 * 3 * 4 * chunk <= fit_module.DEFAULT_MEMORY_BUDGET
 
 
 def test_row41_an_impossible_request_is_an_error_estimating_the_bytes_before_allocating(monkeypatch):

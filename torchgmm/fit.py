@@ -106,20 +106,29 @@ def _check_memory(n_members: int, k: int, d: int, cov, x: Tensor) -> None:
         )
 
 
-def _blocking(n_restarts: int, k: int, n: int, d: int, itemsize: int, budget: int, chunk_size: Optional[int]) -> tuple[Optional[int], int]:
-    """``(chunk_size, block_members)``: the points per chunk and the members per block, for rows of
-    ``n_restarts`` members (pass all members to size the chunks of an unblocked computation).
+def _blocking(
+    n_rows: int, n_restarts: int, k: int, n: int, d: int, itemsize: int, budget: int,
+    chunk_size: Optional[int], device: torch.device, blocked: bool = True,
+) -> tuple[Optional[int], int]:
+    """``(chunk_size, block_members)``: points per chunk and members per block for ``n_rows``
+    rows (series) of ``n_restarts`` members each.
 
-    The working data of one member for one point is ``K x D`` numbers (``diff``; a few more
-    ``(K,)`` temporaries). A block holds whole rows (a series with its restarts) and all their
-    points when a row fits ``min(BLOCK_BYTES, budget)``; otherwise one row at a time, its points
-    in chunks that fit (at least ``MIN_CHUNK``). Either way the temporaries are bounded by the
-    budget, whatever B and N, and cache-sized by default. A given ``chunk_size`` is kept.
+    The working data of one member for one point is about ``K x (D + 2)`` numbers (``diff`` and
+    ``(K,)`` temporaries). On the CPU (``blocked``) a block holds whole rows with all their points
+    when a row fits ``min(BLOCK_BYTES, budget)`` (cache-sized), otherwise one row at a time with
+    its points in chunks that fit (by default at least ``MIN_CHUNK``, bounding the per-chunk
+    overhead; a smaller ``budget`` is obeyed). On CUDA, or unblocked, all rows form one block (large
+    launches) and only ``budget`` bounds the chunks. Either way the temporaries are bounded
+    whatever B and N. A given ``chunk_size`` is kept.
     """
-    block_bytes = min(BLOCK_BYTES, budget)
-    per_point = n_restarts * k * (d + 2) * itemsize  # one row, one point
+    if device.type == "cuda" or not blocked:
+        block_bytes, floor, n_restarts = budget, 1, n_rows * n_restarts
+    else:
+        block_bytes = min(BLOCK_BYTES, budget)
+        floor = MIN_CHUNK if block_bytes == BLOCK_BYTES else 1
+    per_point = n_restarts * k * (d + 2) * itemsize  # one block row, one point
     if chunk_size is None and per_point * n > block_bytes:
-        chunk_size = max(MIN_CHUNK if block_bytes == BLOCK_BYTES else 1, block_bytes // per_point)
+        chunk_size = max(floor, block_bytes // per_point)
     points = min(n, chunk_size or n)
     block_members = max(1, block_bytes // (k * (d + 2) * itemsize * points))
     return (None if chunk_size is None or chunk_size >= n else int(chunk_size)), block_members
@@ -272,7 +281,7 @@ def fit(
             init = GMMParams(**{name: t.unsqueeze(1) for name, t in given.items()})
         else:
             gen = make_generator(random_state)
-            init_chunk, block = _blocking(n_restarts, k, n, d, x.element_size(), memory_budget, chunk_size)
+            init_chunk, block = _blocking(n_series, n_restarts, k, n, d, x.element_size(), memory_budget, chunk_size, x.device)
             init, distinct_ok = _initialize_in_blocks(
                 xs, w, k, n_restarts, init_params, cov, reg, gen, max(1, block // n_restarts),
                 compile=use_compile, chunk_size=init_chunk,
@@ -291,8 +300,9 @@ def fit(
 
     # -- EM ---------------------------------------------------------------------------------
     # The gradient mode works on all members at once (no blocks): its chunks share the budget.
-    rows = n_series if method == "gradient" else 1
-    chunk_size, block_members = _blocking(rows * n_restarts, k, n, d, x.element_size(), memory_budget, chunk_size)
+    chunk_size, block_members = _blocking(
+        n_series, n_restarts, k, n, d, x.element_size(), memory_budget, chunk_size, x.device, blocked=method != "gradient"
+    )
     prior_s = None
     if prior is not None:
         from .prior import make_prior  # standardized units, per series
