@@ -264,3 +264,20 @@ def test_fit_in_cache_blocks_equals_one_block(init_params, monkeypatch):
     torch.testing.assert_close(many_blocks.restart_lower_bounds, one_block.restart_lower_bounds, rtol=0, atol=1e-12)
     for name in ("log_weights", "means", "prec_chol"):
         torch.testing.assert_close(getattr(many_blocks.params, name), getattr(one_block.params, name), rtol=0, atol=1e-10)
+
+
+def test_even_slices_cover_the_rows_in_near_equal_blocks():
+    from hypothesis import given, strategies as st
+
+    from torchgmm._ops import even_slices
+
+    @given(st.integers(1, 10_000), st.integers(1, 5_000))
+    def check(n, max_size):
+        slices = even_slices(n, max_size)
+        sizes = [s.stop - s.start for s in slices]
+        assert slices[0].start == 0 and slices[-1].stop == n
+        assert all(a.stop == b.start for a, b in zip(slices[:-1], slices[1:]))
+        assert max(sizes) <= max_size and max(sizes) - min(sizes) <= 1
+        assert len(slices) == -(-n // max_size)  # the fewest blocks
+
+    check()

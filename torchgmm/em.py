@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ._compile import compiled
+from ._ops import even_slices
 from .covariance import Covariance, get_covariance
 from .density import GMMParams
 from .stats import chunked_sum, e_step_statistics, m_step
@@ -90,8 +91,7 @@ def in_blocks(step: StepFn, block_members: Optional[int]) -> StepFn:
         if rows <= block_rows:
             return step(x, w, w_total, params, cov, reg_covar, prior, chunk_size)
         outs = []
-        for start in range(0, rows, block_rows):
-            part = slice(start, start + block_rows)
+        for part in even_slices(rows, block_rows):
             outs.append(step(
                 x[part], w[part], w_total[part], params.map(lambda t: t[part]), cov, reg_covar[part],
                 _map_optional(prior, lambda t: t[part]), chunk_size,

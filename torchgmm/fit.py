@@ -23,6 +23,7 @@ from torch import Tensor
 
 from . import validation
 from ._compile import compiled, should_compile
+from ._ops import even_slices
 from .covariance import get_covariance
 from .density import GMMParams
 from .em import run_em
@@ -141,9 +142,8 @@ def _initialize_in_blocks(xs, w, k, n_restarts, init_params, cov, reg, gen, bloc
     if xs.shape[0] <= block_series:
         return initialize(xs, w, k, n_restarts, init_params, cov, reg, gen, **kwargs)
     state, parts = gen.get_state(), []
-    for start in range(0, xs.shape[0], block_series):
+    for part in even_slices(xs.shape[0], block_series):
         gen.set_state(state)
-        part = slice(start, start + block_series)
         parts.append(initialize(xs[part], w[part], k, n_restarts, init_params, cov, reg[part], gen, **kwargs))
     inits, distinct = zip(*parts)
     return GMMParams(*(torch.cat(ts) for ts in zip(*inits))), torch.cat(distinct)
