@@ -15,13 +15,13 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for ``a (..., n, m)``, ``b (..., m, p)``.
 
     Eager: a BLAS call, except for ``m <= 2`` (a product or a sum of two, element-wise: as fast,
-    and rounded the same whatever the batch shape, where BLAS kernels differ by shape). While ``torch.compile`` traces, two kinds of product are a broadcast
-    multiply-sum, which Inductor fuses with the surrounding element-wise work into one pass
-    instead of forcing the inputs to memory for an opaque matmul: a reduction over a long axis
-    into a small result (``m >= n * p``: the statistics, summed over points), and a contraction
-    over very few terms (``m <= 4``: e.g. univariate data). Contractions over features into a
-    result as large as the data (``n`` points) stay BLAS calls: Inductor's loops are much slower
-    there (measured 5-7x for D = 8 and 16 on the CPU).
+    and rounded the same whatever the batch shape, where BLAS kernels differ by shape). While
+    ``torch.compile`` traces, a contraction over few terms (``m <= 4``: e.g. univariate data) or
+    into few outputs (``n * p <= 16`` per batch member: the statistics' sums over points) is a
+    broadcast multiply-sum, which Inductor fuses with the surrounding element-wise work instead of
+    forcing the inputs to memory for an opaque matmul. Other products (contractions over 5 or
+    more features into data-sized results, scatters into D x D) stay BLAS calls: Inductor's own
+    loops were 5-35x slower there on the CPU (D = 8 and 16).
     """
     m = a.shape[-1]
     if m <= 2 or (

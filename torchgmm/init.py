@@ -24,7 +24,7 @@ from ._compile import compiled
 from ._ops import matmul
 from .covariance import Covariance, get_covariance
 from .density import GMMParams
-from .stats import m_step, params_from_responsibilities, partition_statistics
+from .stats import chunked_sum, m_step, params_from_responsibilities, partition_statistics, point_chunks
 
 __all__ = ["INIT_METHODS", "initialize", "kmeans_plusplus", "kmeans", "make_generator"]
 
@@ -156,9 +156,7 @@ def kmeans_step(x: Tensor, w: Tensor, centers: Tensor, chunk_size: Optional[int]
 
     ``x (B, 1, N, D)``, ``w (B, 1, N)``. A cluster that loses all its points keeps its center.
     """
-    n = x.shape[-2]
-    step = chunk_size or n
-    parts = [assign(x[..., s : s + step, :], w[..., s : s + step], centers) for s in range(0, n, step)]
+    parts = [assign(x[..., part, :], w[..., part], centers) for part in point_chunks(x.shape[-2], chunk_size)]
     labels = torch.cat([p[0] for p in parts], -1) if len(parts) > 1 else parts[0][0]
     sums = functools.reduce(operator.add, (p[1] for p in parts))
     nk = functools.reduce(operator.add, (p[2] for p in parts))
@@ -223,10 +221,8 @@ def initialize(
         x, w, seeds, max_iter=KMEANS_MAX_ITER if init_params == "kmeans" else 1, compile=compile, chunk_size=chunk_size
     )
     stats_fn = compiled(partition_statistics) if compile else partition_statistics
-    xb, wb, step = x.unsqueeze(1), w.unsqueeze(1), chunk_size or x.shape[-2]
-    stats = functools.reduce(operator.add, (
-        stats_fn(xb[..., s : s + step, :], wb[..., s : s + step], labels[..., s : s + step], centers, cov)
-        for s in range(0, x.shape[-2], step)
-    ))  # additive over chunks of points: bounded memory
+    stats = chunked_sum(  # additive over chunks of points: bounded memory
+        lambda xc, wc, lc: stats_fn(xc, wc, lc, centers, cov), x.unsqueeze(1), w.unsqueeze(1), chunk_size, labels
+    )
     params, _ = m_step(stats, centers, cov, reg)
     return params, distinct_ok

@@ -21,7 +21,7 @@ from .covariance import Covariance, get_covariance
 from .density import GMMParams, joint_log_prob_and_diff
 
 __all__ = [
-    "Stats", "statistics", "e_step_statistics", "partition_statistics", "m_step", "chunked_sum",
+    "Stats", "statistics", "e_step_statistics", "partition_statistics", "m_step", "chunked_sum", "point_chunks",
     "params_from_responsibilities",
 ]
 
@@ -97,15 +97,19 @@ def partition_statistics(x: Tensor, w: Tensor, labels: Tensor, centers: Tensor, 
     return statistics(diff, resp, cov)
 
 
-def chunked_sum(fn: Callable[[Tensor, Tensor], Stats], x: Tensor, w: Tensor, chunk_size: Optional[int]) -> Stats:
-    """``fn(x_chunk, w_chunk)`` summed over chunks of ``chunk_size`` points (all at once if None)."""
-    n = x.shape[-2]
-    if chunk_size is None or chunk_size >= n:
-        return fn(x, w)
+def point_chunks(n: int, chunk_size: Optional[int]) -> list[slice]:
+    """``range(n)`` (the points) in chunks of ``chunk_size`` (one chunk if None)."""
+    step = n if chunk_size is None or chunk_size >= n else chunk_size
+    return [slice(start, start + step) for start in range(0, n, step)]
+
+
+def chunked_sum(fn: Callable[..., Stats], x: Tensor, w: Tensor, chunk_size: Optional[int], *per_point: Tensor) -> Stats:
+    """``fn(x_chunk, w_chunk, *per_point_chunks)`` summed over chunks of ``chunk_size`` points
+    (all at once if None). ``x (..., N, D)``, ``w (..., N)``, ``per_point`` tensors ``(..., N)``."""
     total = None
-    for start in range(0, n, chunk_size):
-        part = fn(x[..., start : start + chunk_size, :], w[..., start : start + chunk_size])
-        total = part if total is None else total + part
+    for part in point_chunks(x.shape[-2], chunk_size):
+        stats = fn(x[..., part, :], w[..., part], *(t[..., part] for t in per_point))
+        total = stats if total is None else total + stats
     return total
 
 
