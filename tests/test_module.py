@@ -231,3 +231,154 @@ def test_bic_and_aic_count_free_parameters(data, cov_type):
     log_lik = model.score(data) * n
     torch.testing.assert_close(model.bic(data), -2 * log_lik + n_params * np.log(n))
     torch.testing.assert_close(model.aic(data), -2 * log_lik + 2 * n_params)
+
+
+# -- refits keep the parameter objects (optimizers built before keep working) -------------------
+def test_refit_updates_the_parameters_in_place_so_an_optimizer_built_before_still_steps(data):
+    model = quiet(GaussianMixture(3, random_state=0), data)
+    before = [p for p in model.parameters()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    quiet(model, torch.flip(data, [0]))  # same shape: new values, same objects
+
+    assert all(a is b for a, b in zip(model.parameters(), before))
+    fitted = model.loc.detach().clone()
+    optimizer.zero_grad()
+    (-model(data).mean()).backward()
+    optimizer.step()
+    assert not torch.equal(model.loc.detach(), fitted)  # the step moved the model's own means
+
+
+def test_refit_on_another_batch_shape_replaces_the_parameters(data, batch):
+    model = quiet(GaussianMixture(3, random_state=0), data)
+    old = model.loc
+    quiet(model, batch)
+
+    assert model.loc is not old  # documented: optimizers built before must be rebuilt
+    assert model.loc.shape == (2, 3, 3, 2) and isinstance(model.loc, torch.nn.Parameter)
+    assert model.predict(batch).shape == (2, 3, 150)
+
+
+# -- a layer whose shape is known up front -----------------------------------------------------
+def test_n_features_creates_a_standard_start_at_construction(cov_type):
+    model = GaussianMixture(3, n_features=2, covariance_type=cov_type)
+    again = GaussianMixture(3, n_features=2, covariance_type=cov_type)
+
+    assert model.is_fitted and len(list(model.parameters())) == 3
+    torch.testing.assert_close(model.weights_, torch.full((3,), 1 / 3))
+    eye = torchgmm.get_covariance(cov_type).full_covariance(model.precisions_cholesky_, 3, 2)
+    torch.testing.assert_close(eye, torch.eye(2).expand(3, 2, 2))
+    assert torch.equal(model.means_, again.means_)  # deterministic
+    assert torch.cdist(model.means_, model.means_).add(torch.eye(3)).min() > 0.1  # spread out
+    assert model.forward(torch.randn(10, 2)).shape == (10,)
+    assert model.status_ is None and model.status_names_ is None
+
+
+def test_n_features_with_a_batch_shape_and_dtype():
+    model = GaussianMixture(2, n_features=3, batch_shape=(4, 5), dtype=torch.float64)
+    assert model.loc.shape == (4, 5, 2, 3) and model.loc.dtype == torch.float64
+    assert model.weight_logits.shape == (4, 5, 2) and model.prec_chol_raw.shape == (4, 5, 2, 3, 3)
+    assert model(torch.randn(7, 3, dtype=torch.float64)).shape == (4, 5, 7)
+
+
+def test_a_layer_built_with_n_features_trains_from_scratch(data):
+    x = data.float()
+    model = GaussianMixture(3, n_features=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    start = float(-model(x).detach().mean())
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss = -model(x).mean()
+        loss.backward()
+        optimizer.step()
+    assert float(loss.detach()) < start - 1.0
+
+
+def test_fit_on_a_module_built_with_n_features_equals_a_fresh_fit(data):
+    layer = quiet(GaussianMixture(3, n_features=2, dtype=torch.float64, random_state=0), data)
+    fresh = quiet(GaussianMixture(3, random_state=0), data)
+    torch.testing.assert_close(layer.means_, fresh.means_, rtol=0, atol=0)
+    assert bool(layer.converged_)
+
+
+def test_fit_on_a_module_built_with_n_features_checks_the_features(data):
+    with pytest.raises(ValueError, match=r"X has 2 features, but the model is expecting 3"):
+        GaussianMixture(3, n_features=3).fit(data)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(n_features=0), ValueError, r"n_features must be >= 1, got n_features=0"),
+        (dict(n_features=2.0), TypeError, r"n_features must be an int"),
+        (dict(n_features=2, batch_shape=5), TypeError, r"batch_shape must be a tuple of ints"),
+        (dict(n_features=2, batch_shape=(2, -1)), ValueError, r"batch_shape must hold ints >= 0, got batch_shape=\(2, -1\)"),
+        (dict(n_features=2, covariance_type="bad"), ValueError, r"covariance_type='bad'"),
+    ],
+)
+def test_invalid_layer_shape_raises_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        GaussianMixture(2, **kwargs)
+
+
+# -- warnings point at the caller's line -------------------------------------------------------
+def test_convergence_warning_points_at_the_callers_line(data):
+    with pytest.warns(ConvergenceWarning) as record:
+        GaussianMixture(3, max_iter=1, tol=0.0, random_state=0).fit(data)
+    assert record[0].filename == __file__
+
+
+def test_warnings_of_fit_predict_point_at_the_callers_line(data):
+    with pytest.warns(ConvergenceWarning) as record:
+        GaussianMixture(3, max_iter=1, tol=0.0, random_state=0).fit_predict(data)
+    assert record[0].filename == __file__
+
+
+def test_degenerate_warning_points_at_the_callers_line():
+    x = torch.cat([torch.full((30,), 5.0), torch.linspace(0, 10, 30)]).double()
+    with pytest.warns(torchgmm.DegenerateWarning) as record:
+        GaussianMixture(3, reg_covar=1e-9, n_init=3, random_state=0).fit(x)
+    assert all(w.filename == __file__ for w in record)
+
+
+def test_data_warnings_raised_inside_fit_point_at_the_callers_line():
+    tiny = torch.linspace(0, 1e-5, 40, dtype=torch.float64)  # variance far below reg_covar
+    repeated = torch.tensor([1.0, 1.0, 1.0, 2.0, 2.0, 2.0], dtype=torch.float64)  # 2 distinct values, K = 3
+    for model, x, message in [
+        (GaussianMixture(2, reg_covar=1e-3, random_state=0), tiny, "is larger than the data variance"),
+        (GaussianMixture(3, random_state=0), repeated, "fewer distinct points than n_components=3"),
+    ]:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            model.fit(x)
+        assert any(message in str(w.message) for w in record), [str(w.message) for w in record]
+        assert all(issubclass(w.category, torchgmm.FitWarning) for w in record)
+        assert [w.filename for w in record] == [__file__] * len(record)
+
+
+def test_fit_still_raises_when_errors_follow_warnings(data):
+    with pytest.raises(ValueError, match="reg_covar must be >= 0"):
+        GaussianMixture(3, reg_covar=-1.0).fit(data)
+
+
+# -- the module documents itself ------------------------------------------------------------------
+def test_class_docstring_documents_every_setting_and_the_attributes():
+    import inspect
+
+    doc = GaussianMixture.__doc__
+    parameters, attributes = doc.split("Parameters\n    ----------")[1].split("Attributes\n    ----------")
+    for name in list(inspect.signature(GaussianMixture.__init__).parameters)[1:]:
+        assert f"\n    {name} :" in parameters or f" {name}," in parameters or f", {name} :" in parameters, name
+    for name in ("weights_", "means_", "covariances_", "converged_", "n_iter_", "lower_bound_", "lower_bounds_",
+                 "status_", "status_names_", "n_features_in_"):
+        assert name in attributes, name
+    assert "FitStatus" in attributes.split("status_ :")[1].split("status_names_")[0]
+
+
+def test_status_names_give_the_fit_status_of_every_series():
+    x = torch.stack([torch.tensor(blobs(seed, n=60, d=1, k=2)) for seed in range(4)]).reshape(2, 2, 60, 1)
+    model = quiet(GaussianMixture(2, max_iter=1, tol=0.0, random_state=0), x)
+
+    names = model.status_names_
+    assert isinstance(names, np.ndarray) and names.shape == (2, 2)
+    expected = [[torchgmm.FitStatus(int(c)).name for c in row] for row in model.status_.tolist()]
+    assert names.tolist() == expected and names[0, 0] == "NOT_CONVERGED"

@@ -169,3 +169,108 @@ def test_prior_passes_through():
     x = np.loadtxt(__import__("conftest").SEED_SERIES_CSV, delimiter=",", skiprows=1, usecols=1).reshape(-1, 1)
     gm = GaussianMixture(3, prior="default", init_params="random_from_data", random_state=2).fit(x)
     assert gm.status_ != torchgmm.FitStatus.DEGENERATE and gm.covariances_.min() > 0.1
+
+
+# -- scikit-learn's own messages and conventions ---------------------------------------------------
+def _bad_inits(cov_type: str) -> list:
+    eye = np.eye(2)
+    precisions = {"full": np.stack([eye, eye]), "tied": eye, "diag": np.ones((2, 2)), "spherical": np.ones(2)}[cov_type]
+    not_positive = precisions.copy()
+    if cov_type in ("full", "tied"):
+        not_positive[..., 0, 1] = not_positive[..., 1, 0] = 2.0  # symmetric, eigenvalues 3 and -1
+    else:
+        not_positive[0] = -1.0
+    wrong_shape = np.ones((3,) + precisions.shape[1:]) if cov_type != "tied" else np.eye(3)
+    return [
+        dict(weights_init=np.ones(3) / 3),
+        dict(weights_init=[1.5, -0.5]),
+        dict(weights_init=[0.3, 0.3]),
+        dict(weights_init=[[0.5, 0.5]]),
+        dict(means_init=np.zeros((3, 2))),
+        dict(means_init=np.zeros((2, 3))),
+        dict(precisions_init=wrong_shape),
+        dict(precisions_init=not_positive),
+    ]
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_bad_initial_parameters_raise_sklearns_own_errors(cov_type):
+    x = blobs(9, n=60)
+    for bad in _bad_inits(cov_type):
+        with pytest.raises(Exception) as theirs:
+            SklearnGaussianMixture(2, covariance_type=cov_type, **bad).fit(x)
+        with pytest.raises(Exception) as ours:
+            GaussianMixture(2, covariance_type=cov_type, **bad).fit(x)
+        assert type(ours.value) is type(theirs.value), bad
+        assert str(ours.value) == str(theirs.value), bad
+
+
+def test_mis_shaped_weights_init_message():
+    with pytest.raises(ValueError) as info:
+        GaussianMixture(2, weights_init=np.ones(3) / 3).fit(blobs(9, n=60))
+    assert str(info.value) == "The parameter 'weights' should have the shape of (2,), but got (3,)"
+
+
+def test_asymmetric_precisions_init_message_is_sklearns():
+    bad = np.stack([np.eye(2), np.array([[1.0, 0.5], [0.0, 1.0]])])
+    with pytest.raises(ValueError, match=r"^'full precision' should be symmetric, positive-definite$"):
+        GaussianMixture(2, precisions_init=bad).fit(blobs(9, n=60))
+
+
+def test_valid_initial_parameters_are_used_as_given():
+    x = blobs(10, n=100, k=2)
+    init = dict(weights_init=[0.25, 0.75], means_init=x[:2], precisions_init=np.stack([np.eye(2)] * 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = GaussianMixture(2, max_iter=0, **init).fit(x)
+    np.testing.assert_allclose(ours.weights_, [0.25, 0.75])
+    np.testing.assert_allclose(ours.means_, x[:2])
+
+
+def test_convergence_warning_has_sklearns_text_and_category():
+    x = blobs(3, n=100)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        GaussianMixture(3, max_iter=1, tol=0.0, random_state=0).fit(x)
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        SklearnGaussianMixture(3, max_iter=1, tol=0.0, random_state=0).fit(x)
+    ours = [w for w in ours if issubclass(w.category, SklearnConvergenceWarning)]
+    theirs = [w for w in theirs if issubclass(w.category, SklearnConvergenceWarning)]
+    assert [str(w.message) for w in ours] == [str(w.message) for w in theirs] == [
+        "Best performing initialization did not converge. Try different init parameters, or increase "
+        "max_iter, tol, or check for degenerate data."
+    ]
+    assert ours[0].filename == __file__  # the caller's line
+
+
+def test_max_iter_zero_does_not_warn_about_convergence():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SklearnConvergenceWarning)
+        gm = GaussianMixture(2, max_iter=0, random_state=0).fit(blobs(3, n=100))
+    assert not gm.converged_
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_n_parameters_matches_sklearn(cov_type):
+    x = blobs(11, n=120, d=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = GaussianMixture(3, covariance_type=cov_type, random_state=0).fit(x)
+        theirs = SklearnGaussianMixture(3, covariance_type=cov_type, random_state=0).fit(x)
+    assert isinstance(ours._n_parameters(), int)
+    assert ours._n_parameters() == theirs._n_parameters()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_score_is_the_mean_of_score_samples(dtype):
+    x = (blobs(12, n=2000) * 100 + 1e3).astype(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = GaussianMixture(3, random_state=0).fit(x)
+    per_sample = gm.score_samples(x)
+
+    assert gm.score(x) == float(np.mean(per_sample, dtype=np.float64))  # the same array, a float64 mean
+    assert gm.score(x) == pytest.approx(float(per_sample.mean()), rel=np.finfo(dtype).eps * 4)
+    weights = np.random.default_rng(0).uniform(size=len(x))
+    assert gm.score(x, sample_weight=weights) == pytest.approx(np.average(per_sample.astype(np.float64), weights=weights), rel=1e-12)

@@ -233,6 +233,80 @@ def test_non_finite_x_at_predict_raises(fitted_2d, method):
         getattr(fitted_2d, method)(x)
 
 
+@pytest.fixture(scope="module")
+def fitted_batch() -> GaussianMixture:
+    """Fitted on ``(2, 3, 20, 2)``: batch shape ``(2, 3)``."""
+    x = torch.tensor(np.random.default_rng(1).normal(size=(2, 3, 20, 2)))
+    return quiet_model(GaussianMixture(2, random_state=0, max_iter=5), x)
+
+
+def quiet_model(model: GaussianMixture, x) -> GaussianMixture:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torchgmm.FitWarning)
+        return model.fit(x)
+
+
+@pytest.mark.parametrize("method", ["predict", "predict_proba", "score", "score_samples", "bic", "aic"])
+def test_x_whose_batch_shape_does_not_broadcast_raises_naming_both_shapes(fitted_batch, method):
+    with pytest.raises(ValueError, match=r"X has batch shape \(5,\) \(shape \(5, 20, 2\)\), which does not broadcast "
+                                         r"against the model's batch shape \(2, 3\); pass X of shape \(2, 3, N, D\)"):
+        getattr(fitted_batch, method)(torch.zeros(5, 20, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"X has batch shape \(3, 2\)"):
+        getattr(fitted_batch, method)(torch.zeros(3, 2, 20, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(20, 2), (3, 20, 2), (2, 1, 20, 2), (2, 3, 20, 2)])
+def test_x_whose_batch_shape_broadcasts_is_scored_against_every_mixture(fitted_batch, shape):
+    x = torch.tensor(np.random.default_rng(2).normal(size=shape))
+    scores = fitted_batch.score_samples(x)
+    assert scores.shape == (2, 3, 20)
+    full = x.expand(2, 3, 20, 2)
+    torch.testing.assert_close(scores, fitted_batch.score_samples(full), rtol=0, atol=0)
+    assert fitted_batch.predict(x).shape == (2, 3, 20)
+
+
+@pytest.mark.parametrize(
+    "value, error, message",
+    [
+        ("abc", TypeError, r"random_state must be None, an int seed >= 0 or a torch.Generator, got 'abc' of type str"),
+        (1.5, TypeError, r"random_state must be None, an int seed >= 0 or a torch.Generator, got 1.5 of type float"),
+        (True, TypeError, r"random_state must be None, an int seed >= 0 .*got True of type bool"),
+        (-1, ValueError, r"random_state must be an int seed in \[0, 2\*\*64 - 1\].*got random_state=-1"),
+        (2**64, ValueError, r"random_state must be an int seed in \[0, 2\*\*64 - 1\]"),
+    ],
+)
+def test_invalid_random_state_says_what_is_accepted(x2d, value, error, message):
+    with pytest.raises(error, match=message):
+        GaussianMixture(2, random_state=value).fit(x2d)
+
+
+@pytest.mark.parametrize("value, error", [("abc", TypeError), (1.5, TypeError), (-1, ValueError)])
+def test_invalid_random_state_at_sample_says_what_is_accepted(fitted_2d, value, error):
+    with pytest.raises(error, match=r"random_state must be"):
+        fitted_2d.sample(3, random_state=value)
+
+
+@pytest.mark.parametrize("value", [None, 0, np.int64(3), 2**64 - 1, torch.Generator().manual_seed(1)])
+def test_valid_random_states_are_accepted(value):
+    from torchgmm.validation import check_random_state
+
+    check_random_state(value)  # no error
+    assert torchgmm.init.make_generator(value).initial_seed() >= 0
+
+
+@pytest.mark.parametrize("method", ["predict", "predict_proba", "score", "score_samples"])
+def test_nan_at_predict_on_a_model_fitted_with_omit_says_to_remove_or_impute(x2d, method):
+    x = x2d.clone()
+    x[3, 0] = float("nan")
+    model = quiet_model(GaussianMixture(2, nan_policy="omit", random_state=0), x)  # fitting with NaN is fine
+    with pytest.raises(ValueError, match=r"X contains NaN at 1 of 40 samples \(first: row 3\); points with NaN cannot "
+                                         r"be scored or predicted .*remove or impute them") as info:
+        getattr(model, method)(x)
+    assert "nan_policy='omit'" not in str(info.value)
+
+
 def test_sample_needs_a_positive_count(fitted_2d):
     with pytest.raises(ValueError, match=r"n_samples must be a positive int, got 0"):
         fitted_2d.sample(0)

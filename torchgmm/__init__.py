@@ -10,12 +10,13 @@ from .density import GMMParams, component_log_prob, log_prob, log_responsibiliti
 from .fit import fit
 from .mixture import GaussianMixture
 from .result import ConvergenceWarning, DegenerateWarning, FitResult, FitStatus, FitWarning
+from .serialization import load
 from .validation import NotFittedError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GaussianMixture", "fit", "compare", "Comparison", "FitResult", "FitStatus", "GMMParams", "NotFittedError",
+    "GaussianMixture", "fit", "load", "compare", "Comparison", "FitResult", "FitStatus", "GMMParams", "NotFittedError",
     "FitWarning", "ConvergenceWarning", "DegenerateWarning",
     "component_log_prob", "log_prob", "log_responsibilities", "responsibilities",
     "COVARIANCE_TYPES", "Covariance", "get_covariance",

@@ -9,8 +9,13 @@ one log-density in ``density``.
 
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+import os
+import sys
+import warnings
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -19,35 +24,152 @@ from .covariance import get_covariance
 from .density import GMMParams, joint_log_prob, log_prob, log_responsibilities
 from .fit import DEFAULT_MEMORY_BUDGET, fit as fit_mixture
 from .init import make_generator
-from .result import FitResult
+from .result import FitResult, FitStatus
 from .validation import NotFittedError
 
 __all__ = ["GaussianMixture"]
 
 _PARAMETERS = ("weight_logits", "loc", "prec_chol_raw")
+# Fitted state saved and restored with the parameters (state_dict, save / load): tensors or None.
 _BUFFERS = ("converged_", "n_iter_", "lower_bound_", "lower_bounds_", "status_")
+
+# Seed of the standard start of a module built with ``n_features`` (means drawn from N(0, I)).
+_LAYER_SEED = 0
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _in_package(filename: str) -> bool:
+    return os.path.abspath(filename).startswith(_PACKAGE_DIR)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` with which a ``warnings.warn`` in the function calling this one points at
+    the first frame outside the torchgmm package (the user's line, whatever the call path:
+    ``fit``, ``fit_predict``, the scikit-learn estimator)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and _in_package(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _reemit(caught: Sequence[warnings.WarningMessage]) -> None:
+    """Re-issue recorded warnings: those raised inside torchgmm at the caller's line (outside the
+    package), any other (e.g. torch's own) at its original location."""
+    level = _caller_stacklevel()
+    for w in caught:
+        if _in_package(w.filename):
+            warnings.warn(w.message, w.category, stacklevel=level)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 class GaussianMixture(nn.Module):
-    """A batch of Gaussian mixture models, fitted by batched EM.
+    """A batch of Gaussian mixture models, fitted by batched EM; an ``nn.Module``.
 
-    Parameters mean what they mean in ``sklearn.mixture.GaussianMixture``. Data ``X`` is ``(N,)``,
-    ``(N, D)`` or ``(*B, N, D)`` (a batch of independent datasets, each fitted separately), and
-    every fitted attribute carries the batch shape ``(*B)`` in front: ``weights_ (*B, K)``,
-    ``means_ (*B, K, D)``, ``covariances_`` / ``precisions_`` / ``precisions_cholesky_`` in
-    scikit-learn's per-type shapes, ``converged_``, ``n_iter_``, ``lower_bound_``, ``status_``
-    ``(*B,)``, and ``lower_bounds_ (*B, max_iter)`` (NaN-padded history of the chosen restart).
+    Settings and attributes mean what they mean in ``sklearn.mixture.GaussianMixture``, with the
+    batch dims ``(*B)`` in front. Data ``X`` is ``(N,)`` (one univariate series), ``(N, D)`` or
+    ``(*B, N, D)`` (a batch of independent datasets, each fitted separately). Settings are stored
+    as given and checked at ``fit`` (as scikit-learn does).
 
-    Extra settings: ``device`` / ``dtype`` (where and in which precision to fit; default: X's),
-    ``nan_policy`` ("raise", or "omit": NaN points become zero-weight padding), ``chunk_size`` /
-    ``memory_budget`` (points per E-step chunk; by default sized from the budget in bytes).
-    ``random_state`` is an int or a ``torch.Generator``; the same seed gives the same CPU result.
-    ``method`` is ``"em"``, ``"squarem"`` (accelerated EM) or ``"gradient"`` (``optimizer``
-    ``"lbfgs"`` or ``"adam"``, step size ``lr``); ``prior="default"`` turns on MAP estimation
-    with the Fraley & Raftery (2007) conjugate prior. ``compile`` ("auto", True, False) fuses the
-    hot loops with ``torch.compile``; ``prune_after=n`` lets only each series' best restart go on
-    after n EM iterations (a cheap restart strategy); ``catch_interrupt`` turns Ctrl-C during a fit into a
-    best-so-far model flagged not converged (False: re-raise).
+    Parameters
+    ----------
+    n_components : int, default 1
+        Number of mixture components ``K``.
+    covariance_type : {"full", "tied", "diag", "spherical"}, default "full"
+        Form of the covariances: one ``(D, D)`` matrix per component, one shared by all
+        components, one diagonal per component, one variance per component.
+    tol : float, default 1e-3
+        Convergence threshold: a series stops when its lower bound (mean log-likelihood per
+        point) changes by less than ``tol``.
+    reg_covar : float, default 1e-6
+        Non-negative number added to the diagonal of every covariance.
+    max_iter : int, default 100
+        Iterations per restart; 0 returns the initialization.
+    n_init : int, default 1
+        Restarts per series; the best (non-degenerate) one is kept.
+    init_params : {"kmeans", "k-means++", "random", "random_from_data"}, default "kmeans"
+        How restarts are initialized.
+    weights_init, means_init, precisions_init : array-like, optional
+        Initial weights ``(K,)``, means ``(K, D)`` and precisions (the covariance type's shape),
+        each with or without the batch dims ``(*B)`` in front (broadcast).
+    random_state : int, None or torch.Generator, default None
+        Seed (an int >= 0) of the initialization and of ``sample``; None draws fresh entropy; a
+        Generator is used as is. The same seed gives the same CPU result.
+    warm_start : bool, default False
+        Start ``fit`` from the current parameters (one start) instead of initializing.
+    verbose : int, default 0
+        Print the fit's summary after each ``fit``.
+    device : torch.device or str, optional
+        Where to fit; default: where ``X`` is.
+    dtype : torch.dtype, optional
+        Precision of the fit; default: ``X``'s (float64 stays float64; integers become the
+        default dtype; half precision becomes float32).
+    nan_policy : {"raise", "omit"}, default "raise"
+        At fit: "omit" turns points with a NaN into zero-weight padding ("mask" is an alias).
+        Prediction and scoring never accept NaN.
+    chunk_size : int, optional
+        Points per E-step chunk; default: sized from ``memory_budget``.
+    memory_budget : int, default 2**30
+        Bytes the E-step's temporaries may use at once.
+    method : {"em", "squarem", "gradient"}, default "em"
+        EM, accelerated EM (SQUAREM), or maximum likelihood by ``optimizer``.
+    optimizer : {"lbfgs", "adam"}, default "lbfgs"
+        Optimizer of ``method="gradient"``.
+    lr : float, optional
+        Step size of ``method="gradient"``; default: the optimizer's own.
+    prior : None, "default" or dict, default None
+        "default": MAP estimation with the Fraley & Raftery (2007) conjugate prior (mclust's);
+        a dict overrides its ``shrinkage``, ``dof``, ``mean``, ``scale``.
+    catch_interrupt : bool, default True
+        Ctrl-C during a fit returns the best-so-far model, flagged not converged (False: the
+        KeyboardInterrupt propagates).
+    compile : {"auto", True, False}, default "auto"
+        Fuse the hot loops with ``torch.compile`` ("auto": when the work outweighs compiling).
+    prune_after : int, optional
+        After that many EM iterations only each series' best restart goes on.
+    n_features : int, optional
+        Number of features ``D``, when known before any fit: the parameters are created at
+        construction, at a standard start (equal weights, means drawn from N(0, I) with a fixed
+        seed, identity precisions), so that the module can be trained as a layer from scratch;
+        ``fit`` then requires ``X`` with ``n_features`` features.
+    batch_shape : tuple of int, default ()
+        Batch shape ``(*B)`` of the parameters created with ``n_features`` (ignored without it);
+        a ``fit`` on a batch of another shape replaces them.
+
+    Attributes
+    ----------
+    weights_ : Tensor (*B, K)
+    means_ : Tensor (*B, K, D)
+    covariances_, precisions_, precisions_cholesky_ : Tensor
+        In scikit-learn's per-type shapes: full ``(*B, K, D, D)``, tied ``(*B, D, D)``, diag
+        ``(*B, K, D)``, spherical ``(*B, K)``. Derived from the parameters below.
+    converged_ : Tensor (*B,) bool
+    n_iter_ : Tensor (*B,) int64
+        Iterations run by the chosen restart.
+    lower_bound_ : Tensor (*B,)
+        Mean log-likelihood per point (scikit-learn's ``lower_bound_``) of the chosen restart.
+    lower_bounds_ : Tensor (*B, max_iter)
+        Its per-iteration history, NaN-padded.
+    status_ : Tensor (*B,) int64
+        The outcome of each series' fit as :class:`torchgmm.FitStatus` codes (0 ``OK``,
+        1 ``NOT_CONVERGED``, 2 ``DEGENERATE``, 3 ``DIVERGED``, 4 ``INSUFFICIENT_DATA``,
+        5 ``EMPTY``): compare with the enum (``status_ == FitStatus.DEGENERATE``), name one code
+        with ``FitStatus(int(code)).name``, or read all names from ``status_names_``.
+    status_names_ : numpy.ndarray (*B,) of str
+        ``status_`` as names (``"OK"``, ``"DEGENERATE"``, ...); None before a fit.
+    n_features_in_ : int
+    batch_shape : torch.Size
+    result_ : FitResult or None
+        The record of the last ``fit`` (restarts, timings, summary); None when the parameters
+        were set otherwise (constructed with ``n_features``, loaded, trained).
+    weight_logits, loc, prec_chol_raw : nn.Parameter
+        The parameters in unconstrained form (softmax logits ``(*B, K)``, means ``(*B, K, D)``,
+        the precision Cholesky factor with a log diagonal, in the covariance type's shape).
+        ``converged_`` to ``status_`` are buffers; all of them are in ``state_dict``.
+
+    ``save(path)`` writes the model (settings, parameters, fitted state) to one file that
+    ``torchgmm.load(path)`` restores.
     """
 
     def __init__(
@@ -78,7 +200,10 @@ class GaussianMixture(nn.Module):
         catch_interrupt: bool = True,
         compile="auto",
         prune_after: Optional[int] = None,
+        n_features: Optional[int] = None,
+        batch_shape: Sequence[int] = (),
     ):
+        """See the class docstring for the settings."""
         super().__init__()
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -105,12 +230,35 @@ class GaussianMixture(nn.Module):
         self.catch_interrupt = catch_interrupt
         self.compile = compile
         self.prune_after = prune_after
+        self.n_features = n_features
+        self._init_batch_shape = batch_shape  # ``batch_shape`` is the property of the current parameters
         self.result_: Optional[FitResult] = None
         for name in _PARAMETERS:
             self.register_parameter(name, None)
         for name in _BUFFERS:
             self.register_buffer(name, None)
+        if n_features is not None:
+            self.set_params_(self._standard_start(validation.check_layer_shape(n_components, n_features, batch_shape)))
 
+    def _settings(self) -> dict:
+        """The constructor's settings by name, as given (``save`` writes them)."""
+        names = list(inspect.signature(type(self).__init__).parameters)[1:]
+        return {name: self._init_batch_shape if name == "batch_shape" else getattr(self, name) for name in names}
+
+    def _standard_start(self, batch_shape: tuple) -> GMMParams:
+        """Equal weights, means drawn from N(0, I) (fixed seed), identity precisions."""
+        k, d = self.n_components, self.n_features
+        cov = self._cov  # raises for an unknown covariance_type
+        factory = dict(dtype=self.dtype or torch.get_default_dtype(), device=self.device)
+        gen = torch.Generator().manual_seed(_LAYER_SEED)
+        means = torch.randn(batch_shape + (k, d), generator=gen, dtype=torch.float64).to(**factory)
+        shape = batch_shape + tuple(cov.prec_chol_shape(k, d))
+        if cov.name in ("full", "tied"):
+            prec_chol = torch.eye(d, **factory).expand(shape).clone()
+        else:
+            prec_chol = torch.ones(shape, **factory)
+        log_weights = torch.full(batch_shape + (k,), -float(np.log(k)), **factory)
+        return GMMParams(log_weights, means, prec_chol)
     # -- state ---------------------------------------------------------------------------
     @property
     def is_fitted(self) -> bool:
@@ -137,11 +285,24 @@ class GaussianMixture(nn.Module):
         )
 
     def set_params_(self, params: GMMParams) -> "GaussianMixture":
-        """Overwrite the parameters (new shapes allowed) from a :class:`GMMParams`, under no_grad."""
+        """Overwrite the parameters from a :class:`GMMParams` (data units), under no_grad.
+
+        A parameter whose shape, dtype and device are unchanged is updated in place: the same
+        ``nn.Parameter`` object, so optimizers built before keep working (their state, e.g.
+        Adam's moments, is kept as well). One whose shape, dtype or device changes (another batch
+        shape, number of features or precision) is replaced by a new ``nn.Parameter``: optimizers
+        built before no longer see it and must be rebuilt."""
         with torch.no_grad():
             values = (params.log_weights, params.means, self._cov.to_unconstrained(params.prec_chol))
             for name, value in zip(_PARAMETERS, values):
-                setattr(self, name, nn.Parameter(value.detach().clone()))
+                current, value = getattr(self, name), value.detach()
+                if (
+                    current is not None and current.shape == value.shape
+                    and current.dtype == value.dtype and current.device == value.device
+                ):
+                    current.copy_(value)
+                else:
+                    setattr(self, name, nn.Parameter(value.clone()))
         return self
 
     @property
@@ -153,6 +314,14 @@ class GaussianMixture(nn.Module):
     def n_features_in_(self) -> int:
         self._check_fitted()
         return self.loc.shape[-1]
+
+    @property
+    def status_names_(self) -> Optional[np.ndarray]:
+        """``status_`` as :class:`FitStatus` names, a numpy array of str ``(*B,)``; None before a fit."""
+        if self.status_ is None:
+            return None
+        names = np.array([s.name for s in FitStatus])
+        return names[self.status_.cpu().numpy()]
 
     def _detached(self) -> GMMParams:
         return self.mixture_params().map(lambda t: t.detach())
@@ -198,9 +367,30 @@ class GaussianMixture(nn.Module):
 
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, X, y=None, sample_weight=None) -> "GaussianMixture":
-        """Fit every dataset in ``X (*B, N, D)``; ``sample_weight (*B, N)`` (0 = padding)."""
+        """Fit every dataset in ``X (*B, N, D)``; ``sample_weight (*B, N)`` (0 = padding).
+
+        The fitted parameters are written into the existing ``nn.Parameter`` objects when their
+        shape, dtype and device are unchanged (a refit on data of the same shape), so optimizers
+        built before keep working; otherwise new parameters replace them and optimizers built
+        before must be rebuilt (see :meth:`set_params_`). Warnings about the fit
+        (:class:`torchgmm.FitWarning` and its subclasses) point at the caller's line.
+        """
+        validation.check_random_state(self.random_state)
         warm = self._detached() if (self.warm_start and self.is_fitted) else None
-        result = fit_mixture(
+        caught: list = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = self._fit_result(X, sample_weight, warm)
+        finally:
+            _reemit(caught)
+        self._set_result(result)
+        if self.verbose:
+            print(result.summary())
+        return self
+
+    def _fit_result(self, X, sample_weight, warm: Optional[GMMParams]) -> FitResult:
+        return fit_mixture(
             X,
             self.n_components,
             covariance_type=self.covariance_type,
@@ -227,12 +417,9 @@ class GaussianMixture(nn.Module):
             catch_interrupt=self.catch_interrupt,
             compile=self.compile,
             prune_after=self.prune_after,
+            n_features=self.n_features,
             warn=True,
         )
-        self._set_result(result)
-        if self.verbose:
-            print(result.summary())
-        return self
 
     def _set_result(self, result: FitResult) -> None:
         self.result_ = result
@@ -251,7 +438,8 @@ class GaussianMixture(nn.Module):
         """A readable account of the last fit (status counts, flagged series explained)."""
         if self.result_ is None:
             self._check_fitted()
-            return f"GaussianMixture with batch shape {tuple(self.batch_shape)} (loaded; no fit record)"
+            return (f"GaussianMixture with batch shape {tuple(self.batch_shape)} (parameters set without fit(): "
+                    "constructed with n_features, loaded or trained; no fit record)")
         return self.result_.summary()
 
     # -- the layer -------------------------------------------------------------------------
@@ -276,7 +464,10 @@ class GaussianMixture(nn.Module):
     # -- scikit-learn's methods (validated input, detached output) --------------------------
     def _validated(self, X) -> Tensor:
         self._check_fitted()
-        x, _ = validation.as_data(X, dtype=self.loc.dtype, device=self.loc.device, n_features=self.n_features_in_)
+        x, _ = validation.as_data(
+            X, dtype=self.loc.dtype, device=self.loc.device, n_features=self.n_features_in_, at_predict=True
+        )
+        validation.check_batch_shape(x, self.batch_shape)
         return x
 
     def score_samples(self, X) -> Tensor:
@@ -326,7 +517,9 @@ class GaussianMixture(nn.Module):
         self._check_fitted()
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-        gen = make_generator(self.random_state if random_state is None else random_state)
+        random_state = self.random_state if random_state is None else random_state
+        validation.check_random_state(random_state)
+        gen = make_generator(random_state)
         params = self._detached()
         k, d = params.means.shape[-2:]
         batch = params.means.shape[:-2]
@@ -340,6 +533,14 @@ class GaussianMixture(nn.Module):
         means = params.means.reshape(-1, k, d)[rows, labels]  # (B, n, D)
         x = means + (scale_tril[rows, labels] @ noise.unsqueeze(-1)).squeeze(-1)
         return x.reshape(*batch, n_samples, d), labels.reshape(*batch, n_samples)
+
+    def save(self, path) -> None:
+        """Write the model to one file (``torch.save`` of plain tensors, dicts and numbers, so
+        ``torch.load(path, weights_only=True)`` reads it): settings, parameters and fitted state.
+        ``torchgmm.load(path)`` restores it; see :mod:`torchgmm.serialization`."""
+        from .serialization import save
+
+        save(self, path)
 
     def to_distribution(self) -> torch.distributions.MixtureSameFamily:
         """The mixture as ``torch.distributions.MixtureSameFamily`` (batch ``(*B)``, event ``(D,)``)."""

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
-from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils import check_array, check_random_state
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted
 
 import torchgmm
 from torchgmm.mixture import GaussianMixture as _Module
+from torchgmm.mixture import _caller_stacklevel, _reemit
 from torchgmm.result import FitStatus
 
 try:  # scikit-learn >= 1.6
@@ -56,6 +57,64 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+# scikit-learn's own texts (sklearn.mixture: BaseMixture.fit_predict, _check_shape, _check_weights,
+# _check_precisions), so that code and tests written against scikit-learn see the same messages.
+_NOT_CONVERGED = (
+    "Best performing initialization did not converge. Try different init parameters, or increase "
+    "max_iter, tol, or check for degenerate data."
+)
+_PRECISION_SHAPES = {
+    "full": lambda k, d: (k, d, d),
+    "tied": lambda k, d: (d, d),
+    "diag": lambda k, d: (k, d),
+    "spherical": lambda k, d: (k,),
+}
+
+
+def _check_shape(value: np.ndarray, shape: tuple, name: str) -> None:
+    if value.shape != shape:
+        raise ValueError(f"The parameter '{name}' should have the shape of {shape}, but got {value.shape}")
+
+
+def _checked_weights(weights, n_components: int) -> np.ndarray:
+    weights = check_array(weights, dtype=_FLOAT_DTYPES, ensure_2d=False)
+    _check_shape(weights, (n_components,), "weights")
+    if (weights < 0.0).any() or (weights > 1.0).any():
+        raise ValueError(
+            "The parameter 'weights' should be in the range [0, 1], but got max value "
+            f"{np.min(weights):.5f}, min value {np.max(weights):.5f}"  # (sic: scikit-learn's order)
+        )
+    atol = 1e-6 if weights.dtype == np.float32 else 1e-8
+    if not np.allclose(float(np.abs(1.0 - np.sum(weights))), 0.0, atol=atol):
+        raise ValueError(f"The parameter 'weights' should be normalized, but got sum(weights) = {np.sum(weights):.5f}")
+    return weights
+
+
+def _checked_means(means, n_components: int, n_features: int) -> np.ndarray:
+    means = check_array(means, dtype=_FLOAT_DTYPES, ensure_2d=False)
+    _check_shape(means, (n_components, n_features), "means")
+    return means
+
+
+def _check_precision_matrix(precision: np.ndarray, covariance_type: str) -> None:
+    if not (np.allclose(precision, precision.T, rtol=1e-5, atol=1e-8) and (np.linalg.eigvalsh(precision) > 0.0).all()):
+        raise ValueError(f"'{covariance_type} precision' should be symmetric, positive-definite")
+
+
+def _checked_precisions(precisions, covariance_type: str, n_components: int, n_features: int) -> np.ndarray:
+    precisions = check_array(precisions, dtype=_FLOAT_DTYPES, ensure_2d=False, allow_nd=covariance_type == "full")
+    shape = _PRECISION_SHAPES[covariance_type](n_components, n_features)
+    _check_shape(precisions, shape, f"{covariance_type} precision")
+    if covariance_type == "full":
+        for precision in precisions:
+            _check_precision_matrix(precision, covariance_type)
+    elif covariance_type == "tied":
+        _check_precision_matrix(precisions, covariance_type)
+    elif (precisions <= 0.0).any():
+        raise ValueError(f"'{covariance_type} precision' should be positive")
+    return precisions
+
+
 class GaussianMixture(DensityMixin, BaseEstimator):
     """Gaussian mixture fitted by torchgmm's EM, with scikit-learn's interface.
 
@@ -69,6 +128,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     ``lower_bound_``, ``lower_bounds_`` (per-iteration history), ``status_`` (a
     :class:`torchgmm.FitStatus`), ``n_features_in_`` (and ``feature_names_in_`` for DataFrames),
     and ``model_``, the fitted ``torchgmm.GaussianMixture`` module.
+
+    As scikit-learn does: bad ``weights_init`` / ``means_init`` / ``precisions_init`` raise
+    scikit-learn's own errors (same types, same messages); a fit whose best start did not
+    converge warns with scikit-learn's ``ConvergenceWarning`` and message; ``score`` is the mean
+    of ``score_samples`` (taken in float64); ``_n_parameters()`` counts the free parameters.
     """
 
     def __init__(
@@ -116,6 +180,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         X = _validate_data(self, X, dtype=_FLOAT_DTYPES, ensure_min_samples=2)
         if sample_weight is not None:
             sample_weight = np.asarray(sample_weight, dtype=X.dtype)
+        init = self._checked_init(X.shape[1])
         warm = self.warm_start and self.__sklearn_is_fitted__()
         model = _Module(
             self.n_components,
@@ -125,9 +190,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             max_iter=self.max_iter,
             n_init=self.n_init,
             init_params=self.init_params,
-            weights_init=self.weights_init,
-            means_init=self.means_init,
-            precisions_init=self.precisions_init,
+            **init,
             random_state=_seed(self.random_state),
             warm_start=warm,
             verbose=self.verbose,
@@ -137,15 +200,34 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         )
         if warm:  # continue from the previous fit (one start, as scikit-learn)
             model.set_params_(self.model_.mixture_params().map(lambda t: t.detach()))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model.fit(X, sample_weight=sample_weight)
-        for w in caught:  # re-issue, with scikit-learn's category for convergence
-            category = ConvergenceWarning if issubclass(w.category, torchgmm.ConvergenceWarning) else w.category
-            warnings.warn(w.message if category is w.category else str(w.message), category, stacklevel=2)
+        caught: list = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model.fit(X, sample_weight=sample_weight)
+        finally:  # re-issue at the caller's line; convergence is reported as scikit-learn does
+            _reemit([w for w in caught if not issubclass(w.category, torchgmm.ConvergenceWarning)])
+        if self.max_iter > 0 and not bool(model.converged_):
+            warnings.warn(_NOT_CONVERGED, ConvergenceWarning, stacklevel=_caller_stacklevel())
         self.model_ = model
         self._set_attributes(model)
         return self
+
+    def _checked_init(self, n_features: int) -> dict:
+        """``weights_init``, ``means_init``, ``precisions_init`` checked as scikit-learn checks
+        them (same exceptions, same messages)."""
+        init = dict(weights_init=self.weights_init, means_init=self.means_init, precisions_init=self.precisions_init)
+        if self.covariance_type not in _PRECISION_SHAPES:
+            return init  # the module names the valid choices
+        if self.weights_init is not None:
+            init["weights_init"] = _checked_weights(self.weights_init, self.n_components)
+        if self.means_init is not None:
+            init["means_init"] = _checked_means(self.means_init, self.n_components, n_features)
+        if self.precisions_init is not None:
+            init["precisions_init"] = _checked_precisions(
+                self.precisions_init, self.covariance_type, self.n_components, n_features
+            )
+        return init
 
     def _set_attributes(self, model: _Module) -> None:
         self.weights_ = _numpy(model.weights_)
@@ -178,9 +260,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return _numpy(self.model_.score_samples(x))
 
     def score(self, X, y=None, sample_weight=None) -> float:
-        """Mean log-likelihood per sample (higher is better; scikit-learn's default scorer)."""
+        """Mean log-likelihood per sample (higher is better; scikit-learn's default scorer): the
+        (weighted) mean of ``score_samples(X)``, taken in float64 whatever the data's dtype."""
         x = self._validated(X)
-        return float(self.model_.score(x, sample_weight=sample_weight))
+        per_sample = _numpy(self.model_.score_samples(x)).astype(np.float64)
+        if sample_weight is None:
+            return float(per_sample.mean())
+        weights = _check_sample_weight(sample_weight, x, dtype=np.float64)
+        return float(np.average(per_sample, weights=weights))
 
     def predict(self, X) -> np.ndarray:
         """Most likely component of each sample, ``(n_samples,)``."""
@@ -191,6 +278,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """Responsibilities ``(n_samples, n_components)``."""
         x = self._validated(X)
         return _numpy(self.model_.predict_proba(x))
+
+    def _n_parameters(self) -> int:
+        """Number of free parameters of the fitted model (as scikit-learn's ``_n_parameters``)."""
+        check_is_fitted(self)
+        return int(self.model_._n_parameters())
 
     def bic(self, X) -> float:
         """Bayesian information criterion on ``X`` (lower is better)."""

@@ -20,6 +20,9 @@ __all__ = [
     "as_data",
     "as_sample_weight",
     "batched_init",
+    "check_random_state",
+    "check_batch_shape",
+    "check_layer_shape",
     "NotFittedError",
 ]
 
@@ -124,14 +127,21 @@ def _first_series(mask: Tensor) -> tuple:
     return tuple(mask.nonzero()[0].tolist())
 
 
-def _non_finite_message(name: str, bad_point: Tensor, kind: str, nan_policy: str) -> str:
-    """"X contains NaN in 3 of 10 series (first: (7,)); ..." for ``bad_point (*B, N)``."""
+def _non_finite_message(name: str, bad_point: Tensor, kind: str, nan_policy: str, at_predict: bool = False) -> str:
+    """"X contains NaN in 3 of 10 series (first: (7,)); ..." for ``bad_point (*B, N)``.
+
+    ``at_predict``: the data are to be scored or predicted, where no policy applies (a NaN point
+    has no log-likelihood and no label), so the hint is to remove or impute them."""
     if bad_point.dim() > 1:
         bad_series = bad_point.any(-1)
         where = f" in {int(bad_series.sum())} of {bad_series.numel()} series (first: {_first_series(bad_series)})"
     else:
         first = int(bad_point.nonzero()[0, 0])
         where = f" at {int(bad_point.sum())} of {bad_point.numel()} samples (first: row {first})"
+    if at_predict:
+        hint = (f"points with {kind} cannot be scored or predicted (nan_policy applies to fit only): "
+                "remove or impute them first")
+        return f"{name} contains {kind}{where}; {hint}"
     hint = "remove or impute them"
     if nan_policy not in _OMIT and "NaN" in kind:
         hint += ", or pass nan_policy='omit' to treat NaN points as zero-weight padding"
@@ -147,12 +157,15 @@ def as_data(
     n_features: Optional[int] = None,
     nan_policy: str = "raise",
     min_samples: int = 1,
+    at_predict: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """``X`` as a floating tensor ``(*B, N, D)`` (a 1-D ``(N,)`` is one univariate series).
 
     Returns ``(X, nan_rows)`` where ``nan_rows (*B, N)`` marks points with a NaN when
     ``nan_policy`` is ``"omit"`` (or its alias ``"mask"``; those points are then zeroed: give them
-    zero weight), else None. Infinite values are an error under every policy.
+    zero weight), else None. Infinite values are an error under every policy. ``at_predict``:
+    ``X`` is to be scored or predicted (``nan_policy`` must then be ``"raise"``); a non-finite
+    value is an error whose hint says to remove or impute those points (not to pass a policy).
     """
     t = _to_tensor(X, name)
     if device is not None:
@@ -186,7 +199,7 @@ def as_data(
         else:
             bad_point, kinds = nan_point | inf_point, [k for k, m in (("NaN", nan_point), ("inf", inf_point)) if bool(m.any())]
         if bool(bad_point.any()):
-            raise ValueError(_non_finite_message(name, bad_point, " and ".join(kinds), nan_policy))
+            raise ValueError(_non_finite_message(name, bad_point, " and ".join(kinds), nan_policy, at_predict))
         if nan_rows is not None:
             t = torch.where(nan_rows.unsqueeze(-1), torch.zeros((), dtype=t.dtype, device=t.device), t)
     return t, nan_rows
@@ -221,6 +234,59 @@ def as_sample_weight(sample_weight, x: Tensor, name: str = "sample_weight") -> T
     if bool((w < 0).any()):
         raise ValueError(f"{name} contains negative values (min {float(w.min()):.3g}); weights must be non-negative")
     return w
+
+
+_MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range for non-negative seeds
+
+
+def check_random_state(random_state, name: str = "random_state") -> None:
+    """``random_state`` must be None (fresh entropy), an int in ``[0, 2**64 - 1]`` (a seed; numpy
+    integers count) or a ``torch.Generator`` (used as is)."""
+    if random_state is None or isinstance(random_state, torch.Generator):
+        return
+    if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral):
+        raise TypeError(
+            f"{name} must be None, an int seed >= 0 or a torch.Generator, got {random_state!r} of type "
+            f"{type(random_state).__name__}"
+            + ("; convert a numeric string with int(...)" if isinstance(random_state, str) else "")
+        )
+    if not 0 <= int(random_state) <= _MAX_SEED:
+        raise ValueError(
+            f"{name} must be an int seed in [0, 2**64 - 1] (or None, or a torch.Generator), got {name}={int(random_state)}"
+        )
+
+
+def check_batch_shape(x: Tensor, batch_shape: Sequence[int], name: str = "X") -> None:
+    """``x (*b, N, D)``'s batch shape ``b`` must equal the fitted ``batch_shape`` or broadcast with
+    it (e.g. one ``(N, D)`` dataset scored against every mixture of the batch)."""
+    b, batch = tuple(x.shape[:-2]), tuple(batch_shape)
+    if b == batch:
+        return
+    for i, j in zip(reversed(b), reversed(batch)):
+        if i != j and i != 1 and j != 1:
+            per_mixture = "(" + ", ".join([*map(str, batch), "N", "D"]) + ")"
+            raise ValueError(
+                f"{name} has batch shape {b} (shape {tuple(x.shape)}), which does not broadcast against the "
+                f"model's batch shape {batch}; pass {name} of shape {per_mixture} (one dataset per mixture) "
+                "or (N, D) (one dataset scored by every mixture), or a shape that broadcasts to it"
+            )
+
+
+def check_layer_shape(n_components, n_features, batch_shape) -> tuple:
+    """Validate the shape settings of a module whose parameters are created at construction:
+    ``n_components`` and ``n_features`` ints >= 1, ``batch_shape`` a sequence of ints >= 0.
+    Returns ``batch_shape`` as a tuple of ints."""
+    _check_number("n_components", n_components, low=1, integer=True)
+    _check_number("n_features", n_features, low=1, integer=True)
+    if isinstance(batch_shape, (str, bytes)) or not isinstance(batch_shape, (Sequence, torch.Size)):
+        raise TypeError(
+            f"batch_shape must be a tuple of ints (e.g. () or (10,)), got {batch_shape!r} of type "
+            f"{type(batch_shape).__name__}"
+        )
+    for size in batch_shape:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
+            raise ValueError(f"batch_shape must hold ints >= 0, got batch_shape={tuple(batch_shape)!r}")
+    return tuple(int(size) for size in batch_shape)
 
 
 def batched_init(
