@@ -162,7 +162,7 @@ def test_ragged_series_by_zero_weight_padding_equal_unpadded_fits(cov_type, padd
 
 @pytest.mark.parametrize("dtype, huge", [(torch.float64, 1e200), (torch.float32, 1e30)], ids=["float64", "float32"])
 def test_huge_padding_does_not_change_the_series_standardization(dtype, huge):
-    from torchgmm.fit import standardize
+    from torchgmm.units import standardize
 
     x = torch.tensor(blobs(0, n=100, d=2) * 1e3, dtype=dtype)
     padded = torch.cat([x, torch.full((20, 2), huge, dtype=dtype)])
@@ -257,7 +257,7 @@ def test_fit_in_cache_blocks_equals_one_block(init_params, monkeypatch):
     x = batch_of_blobs(n_series=7, d=2)
     settings = dict(n_init=3, random_state=0, init_params=init_params, warn=False, **SETTINGS)
     one_block = torchgmm.fit(x, 3, **settings)
-    monkeypatch.setattr(sys.modules["torchgmm.fit"], "BLOCK_BYTES", 1)  # one series (or member) per block
+    monkeypatch.setattr(sys.modules["torchgmm.plan"], "BLOCK_BYTES", 1)  # one series (or member) per block
     many_blocks = torchgmm.fit(x, 3, **settings)
     assert torch.equal(many_blocks.n_iter, one_block.n_iter)
     assert torch.equal(many_blocks.best_restart, one_block.best_restart)

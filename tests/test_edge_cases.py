@@ -24,7 +24,8 @@ from torchgmm.covariance import cholesky_with_jitter, get_covariance
 from torchgmm.density import log_prob
 from conftest import COV_TYPES, blobs, quiet_fit
 
-fit_module = importlib.import_module("torchgmm.fit")
+fit_module = importlib.import_module("torchgmm.fitting")
+plan_module = importlib.import_module("torchgmm.plan")
 em_module = importlib.import_module("torchgmm.em")
 NAN = float("nan")
 
@@ -679,18 +680,18 @@ def test_row41_chunking_over_points_bounds_memory_without_changing_the_result():
 
 
 @pytest.mark.parametrize("n_restarts, k, n, d", [(10, 3, 500, 1), (3, 4, 1000, 8), (1, 16, 1_000_000, 16), (1, 64, 50_000, 64), (5, 2, 10**7, 2)])
-@pytest.mark.parametrize("budget", [fit_module.DEFAULT_MEMORY_BUDGET, 100_000])
+@pytest.mark.parametrize("budget", [plan_module.DEFAULT_MEMORY_BUDGET, 100_000])
 def test_row41_blocks_and_chunks_bound_the_working_set_whatever_n(n_restarts, k, n, d, budget):
     """The working data of a block (members x points x K x (D + 2) numbers) stays within the
     block size (or one row's minimum chunk), however many points; small rows are not chunked."""
     itemsize = 4
-    chunk, members = fit_module._blocking(1000, n_restarts, k, n, d, itemsize, budget, None, torch.device("cpu"))
+    chunk, members = plan_module.blocking(1000, n_restarts, k, n, d, itemsize, budget, None, torch.device("cpu"))
     points = chunk or n
-    block_bytes = min(fit_module.BLOCK_BYTES, budget)
+    block_bytes = min(plan_module.BLOCK_BYTES, budget)
     per_point = k * (d + 2) * itemsize
     row_bytes = n_restarts * per_point * n
     assert (chunk is None) == (row_bytes <= block_bytes)
-    floor = fit_module.MIN_CHUNK if block_bytes == fit_module.BLOCK_BYTES else 1
+    floor = plan_module.MIN_CHUNK if block_bytes == plan_module.BLOCK_BYTES else 1
     assert members * per_point * points <= max(block_bytes, n_restarts * per_point * floor)
     assert members >= 1 and (chunk is None or chunk >= floor)
     if chunk is None:  # whole rows per block, as many as fit
@@ -699,9 +700,9 @@ def test_row41_blocks_and_chunks_bound_the_working_set_whatever_n(n_restarts, k,
 
 def test_row41_on_cuda_all_series_form_one_block_bounded_by_the_budget():
     """The GPU wants large launches: no cache blocks there, only the memory budget chunks."""
-    chunk, members = fit_module._blocking(100_000, 10, 3, 500, 1, 4, fit_module.DEFAULT_MEMORY_BUDGET, None, torch.device("cuda"))
+    chunk, members = plan_module.blocking(100_000, 10, 3, 500, 1, 4, plan_module.DEFAULT_MEMORY_BUDGET, None, torch.device("cuda"))
     assert members >= 100_000 * 10
-    assert chunk is not None and 100_000 * 10 * 3 * 3 * 4 * chunk <= fit_module.DEFAULT_MEMORY_BUDGET
+    assert chunk is not None and 100_000 * 10 * 3 * 3 * 4 * chunk <= plan_module.DEFAULT_MEMORY_BUDGET
 
 
 def test_row41_an_impossible_request_is_an_error_estimating_the_bytes_before_allocating(monkeypatch):

@@ -16,17 +16,12 @@ import torch
 
 import torchgmm
 from torchgmm.density import GMMParams, log_prob
-from torchgmm.em import run_em
-from torchgmm.fit import standardize
-from torchgmm.gradient import (
-    ParamPacker,
-    objective,
-    penalized_em_step,
-    penalized_params,
-    run_gradient,
-    trace_precision,
-)
+from torchgmm.em import EMRule
+from torchgmm.gradient import AdamRule, LBFGSRule
 from torchgmm.init import initialize, make_generator
+from torchgmm.loop import run
+from torchgmm.objective import ParamPacker, objective, penalized_params, trace_precision
+from torchgmm.units import standardize
 
 COV_TYPES = ("full", "tied", "diag", "spherical")
 
@@ -55,6 +50,17 @@ def prepared(x: torch.Tensor, cov_type: str, k: int = 3, n_init: int = 1, reg_co
     xs, _, _, reg = standardize(x, w, reg_covar)
     init, _ = initialize(xs, w, k, n_init, "kmeans", cov_type, reg, make_generator(seed))
     return xs, w, reg, init
+
+
+def run_em(xs, w, init, cov_type, reg, tol, max_iter, *, penalized=False, prior=None):
+    """EM on standardized data through the member loop (``penalized``: the exact EM of F)."""
+    return run(EMRule(cov_type, penalized=penalized), xs, w, reg, init, tol, max_iter, prior=prior)
+
+
+def run_gradient(xs, w, init, cov_type, reg, tol, max_iter, *, optimizer="lbfgs", lr=None, chunk_size=None, prior=None):
+    """L-BFGS or Adam on standardized data through the member loop."""
+    rule = (LBFGSRule if optimizer == "lbfgs" else AdamRule)(cov_type, tol, lr, chunk_size)
+    return run(rule, xs, w, reg, init, tol, max_iter, prior=prior)
 
 
 def objective_grad(xs, w, params: GMMParams, cov_type: str, reg, prior=None) -> torch.Tensor:
@@ -90,7 +96,7 @@ def test_objective_without_penalty_is_mean_log_likelihood_of_the_density():
 def test_em_on_the_objective_never_decreases_it(cov_type):
     xs, w, _, init = prepared(clusters(4, spread=2.0), cov_type)
     reg = torch.full((4,), 0.05, dtype=xs.dtype)  # a penalty large enough to matter
-    run = run_em(xs, w, init, cov_type, reg, 0.0, 60, step=penalized_em_step)
+    run = run_em(xs, w, init, cov_type, reg, 0.0, 60, penalized=True)
     steps = run.history.diff(dim=-1)
     assert float(torch.nan_to_num(steps, nan=0.0).min()) >= -1e-12
     # its lower bound is F of the parameters it evaluated
@@ -103,9 +109,9 @@ def test_gradient_is_zero_at_em_fixed_point(cov_type, reg_value):
     """EM's update S/n_k + reg I (with the penalized E-step) is a stationary point of F."""
     xs, w, _, init = prepared(clusters(3), cov_type)
     reg = torch.full((3,), reg_value, dtype=xs.dtype)
-    run = run_em(xs, w, init, cov_type, reg, 1e-12, 800, step=penalized_em_step)
+    run = run_em(xs, w, init, cov_type, reg, 1e-12, 800, penalized=True)
     assert bool(run.converged.all())
-    run = run_em(xs, w, run.params.map(lambda t: t.unsqueeze(1)), cov_type, reg, 0.0, 50, step=penalized_em_step)
+    run = run_em(xs, w, run.params.map(lambda t: t.unsqueeze(1)), cov_type, reg, 0.0, 50, penalized=True)
     grad = objective_grad(xs, w, run.params, cov_type, reg)
     assert float(grad.abs().max()) < 1e-8
 
@@ -129,7 +135,7 @@ def test_prior_term_enters_the_objective():
     xs, w, _, init = prepared(x, "full")
     reg = torch.zeros(2, dtype=xs.dtype)  # the prior's M-step is then exactly MAP
     prior = make_prior("default", xs, w, 3, "full")
-    run = run_em(xs, w, init, "full", reg, 0.0, 400, prior=prior, step=penalized_em_step)
+    run = run_em(xs, w, init, "full", reg, 0.0, 400, prior=prior, penalized=True)
     grad = objective_grad(xs, w, run.params, "full", reg, prior=prior)
     assert float(grad.abs().max()) < 1e-9
     assert float(objective_grad(xs, w, run.params, "full", reg).abs().max()) > 1e-6  # without it: not stationary
@@ -140,7 +146,7 @@ def test_prior_term_enters_the_objective():
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
 def test_gradient_fit_started_at_em_solution_stays_there(cov_type, optimizer):
     xs, w, reg, init = prepared(clusters(3), cov_type)
-    em = run_em(xs, w, init, cov_type, reg, 0.0, 400, step=penalized_em_step)
+    em = run_em(xs, w, init, cov_type, reg, 0.0, 400, penalized=True)
     start = em.params.map(lambda t: t.unsqueeze(1))
     run = run_gradient(xs, w, start, cov_type, reg, 1e-10, 50, optimizer=optimizer, lr=1e-3 if optimizer == "adam" else None)
     assert bool(run.converged.all()) and not bool(run.failed.any())
@@ -154,7 +160,7 @@ def test_gradient_fit_started_at_em_solution_stays_there(cov_type, optimizer):
 @pytest.mark.parametrize("cov_type", COV_TYPES)
 def test_lbfgs_reaches_em_optimum_from_the_same_start(cov_type):
     xs, w, reg, init = prepared(clusters(4), cov_type)
-    em = run_em(xs, w, init, cov_type, reg, 1e-11, 1000, step=penalized_em_step)
+    em = run_em(xs, w, init, cov_type, reg, 1e-11, 1000, penalized=True)
     run = run_gradient(xs, w, init, cov_type, reg, 1e-11, 300)
     f_em = objective(xs, w, em.params, cov_type, reg)
     assert bool(run.converged.all())
@@ -167,7 +173,7 @@ def test_lbfgs_reaches_em_optimum_from_the_same_start(cov_type):
 
 def test_adam_approaches_the_optimum():
     xs, w, reg, init = prepared(clusters(3), "diag")
-    em = run_em(xs, w, init, "diag", reg, 1e-11, 1000, step=penalized_em_step)
+    em = run_em(xs, w, init, "diag", reg, 1e-11, 1000, penalized=True)
     run = run_gradient(xs, w, init, "diag", reg, 1e-9, 2000, optimizer="adam", lr=0.02)
     f_em = objective(xs, w, em.params, "diag", reg)
     assert not bool(run.failed.any())

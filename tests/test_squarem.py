@@ -8,17 +8,23 @@ import pytest
 import torch
 
 import torchgmm
-from torchgmm.em import run_em
-from torchgmm.gradient import objective, penalized_em_step
-from torchgmm.squarem import run_squarem
+from torchgmm.em import EMRule
+from torchgmm.loop import run
+from torchgmm.objective import objective
+from torchgmm.squarem import SquaremRule
 
-from test_gradient import COV_TYPES, clusters, prepared
+from test_gradient import COV_TYPES, clusters, prepared, run_em
+
+
+def run_squarem(xs, w, init, cov_type, reg, tol, max_iter, *, penalized=False):
+    """SQUAREM on standardized data through the member loop."""
+    return run(SquaremRule(EMRule(cov_type, penalized=penalized)), xs, w, reg, init, tol, max_iter)
 
 
 @pytest.mark.parametrize("cov_type", COV_TYPES)
 def test_reaches_em_fixed_point_with_fewer_e_steps(cov_type):
     xs, w, reg, init = prepared(clusters(6, spread=2.5, seed=3), cov_type)
-    em = run_em(xs, w, init, cov_type, reg, 1e-10, 2000, step=penalized_em_step)
+    em = run_em(xs, w, init, cov_type, reg, 1e-10, 2000, penalized=True)
     sq = run_squarem(xs, w, init, cov_type, reg, 1e-10, 2000, penalized=True)
     assert bool(sq.converged.all()) and not bool(sq.failed.any())
     f_em = objective(xs, w, em.params, cov_type, reg)

@@ -7,7 +7,8 @@ functional entry point returning a ``FitResult``).
 from .compare import Comparison, compare
 from .covariance import COVARIANCE_TYPES, Covariance, get_covariance
 from .density import GMMParams, component_log_prob, log_prob, log_responsibilities, responsibilities
-from .fit import fit
+from .fitting import fit
+from .methods import EM, SQUAREM, Gradient
 from .mixture import GaussianMixture
 from .result import ConvergenceWarning, DegenerateWarning, FitResult, FitStatus, FitWarning
 from .serialization import load
@@ -16,7 +17,7 @@ from .validation import NotFittedError
 __version__ = "0.1.0"
 
 __all__ = [
-    "GaussianMixture", "fit", "load", "compare", "Comparison", "FitResult", "FitStatus", "GMMParams", "NotFittedError",
+    "GaussianMixture", "fit", "load", "EM", "SQUAREM", "Gradient", "compare", "Comparison", "FitResult", "FitStatus", "GMMParams", "NotFittedError",
     "FitWarning", "ConvergenceWarning", "DegenerateWarning",
     "component_log_prob", "log_prob", "log_responsibilities", "responsibilities",
     "COVARIANCE_TYPES", "Covariance", "get_covariance",

@@ -34,6 +34,6 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
 def even_slices(n: int, max_size: int) -> list[slice]:
     """``range(n)`` cut into the fewest slices of at most ``max_size``, their sizes differing by at
     most one (no small remainder: a block of one row would make the compiled step recompile)."""
-    count = -(-n // max(1, max_size))
+    count = max(1, -(-n // max(1, max_size)))  # at least one (possibly empty) slice
     bounds = [round(i * n / count) for i in range(count + 1)]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]

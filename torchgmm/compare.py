@@ -2,14 +2,14 @@
 
 :func:`compare` builds one initialization (``torchgmm.fit(..., max_iter=0)``: the k-means start
 that ``fit`` would use), then runs every method on the same standardized data and the shared
-penalized objective ``F`` of :mod:`torchgmm.gradient` (EM and SQUAREM with the exact EM map of
+penalized objective ``F`` of :mod:`torchgmm.objective` (EM and SQUAREM with the exact EM map of
 ``F``; L-BFGS and Adam on ``F`` itself), and measures per series: the final objective, the gap to
 the best value any method found, and the data passes (density evaluations: E-steps, or value and
 gradient evaluations with line-search trials) and wall time each method needed to come within
 given gaps of that best value.
 
-Objective values are in standardized units; gaps are differences, the same in data units.
-Times are those of the whole batch (every method fits all series at once), so they compare
+Objective values are in the data's units (mean log-likelihood per point, as ``lower_bound_``);
+gaps are differences. Times are those of the whole batch (every method fits all series at once), so they compare
 methods, not series. Pure bookkeeping on top of the runners; no plotting here (see
 ``examples/em_vs_gradient.py``).
 """
@@ -24,13 +24,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import validation
 from .covariance import get_covariance
-from .density import GMMParams
-from .em import MemberRun, run_em
-from .fit import fit, standardize
-from .gradient import objective, penalized_em_step, run_gradient
-from .squarem import run_squarem
+from .fitting import fit, prepare
+from .loop import Members, run_members
+from .methods import EM, SQUAREM, Gradient
+from .objective import objective
+from .units import Scaling, standardize
 
 __all__ = ["compare", "Comparison", "METHODS"]
 
@@ -65,6 +64,11 @@ class Comparison:
         """``(B, G)``: per series, ``best - F`` of the last point reached within each ``grid``
         value of data passes (``axis="passes"``) or seconds (``"time"``); ``floor`` clips zero
         gaps for log plots. Before the first point, the initial gap."""
+        if method not in self.curves:
+            raise ValueError(f"method={method!r} was not compared; choose one of {list(self.curves)}")
+        if axis not in ("passes", "time"):
+            raise ValueError(f"axis={axis!r} is not supported; choose 'passes' or 'time'")
+        grid = torch.as_tensor(grid, dtype=torch.float64).reshape(-1)  # a list or an array is fine
         values, passes, times = self.curves[method]
         where = passes if axis == "passes" else times
         gap = (self.best.unsqueeze(-1) - values).clamp_min(floor)  # (B, T)
@@ -142,16 +146,9 @@ def _quantile(values, q: float) -> float:
     return float(torch.tensor(vals, dtype=torch.float64).quantile(q)) if vals else math.nan
 
 
-def _run(method: str, xs, w, init, cov, reg, tol, max_iter, lr, chunk_size) -> MemberRun:
-    if method == "em":
-        with torch.no_grad():
-            return run_em(xs, w, init, cov, reg, tol, max_iter, step=penalized_em_step, chunk_size=chunk_size)
-    if method == "squarem":
-        with torch.no_grad():
-            return run_squarem(xs, w, init, cov, reg, tol, max_iter, chunk_size=chunk_size, penalized=True)
-    if method in ("lbfgs", "adam"):
-        return run_gradient(xs, w, init, cov, reg, tol, max_iter, optimizer=method, lr=lr, chunk_size=chunk_size)
-    raise ValueError(f"method={method!r} is not supported; choose from {list(METHODS)}")
+def _method(name: str, lr: Optional[float]):
+    """The method object each compared name runs: EM and SQUAREM on the exact EM map of ``F``."""
+    return {"em": EM(penalized=True), "squarem": SQUAREM(penalized=True)}.get(name) or Gradient(name, lr)
 
 
 def compare(
@@ -171,6 +168,8 @@ def compare(
     dtype: Optional[torch.dtype] = torch.float64,
     device=None,
     chunk_size: Optional[int] = None,
+    sample_weight=None,
+    n_init: int = 1,
 ) -> Comparison:
     """Run ``methods`` (any of ``"em"``, ``"squarem"``, ``"lbfgs"``, ``"adam"``) on every series of
     ``X`` (``(N, D)`` or ``(B, N, D)``) from one shared initialization; see :class:`Comparison`.
@@ -179,40 +178,42 @@ def compare(
     EM and SQUAREM, steps for L-BFGS and Adam; ``max_iter_adam`` overrides it for Adam); the
     small default ``tol`` lets each method run close to its optimum so that the passes needed
     for each target gap can be read off its history. ``lr`` is passed to the gradient methods.
+    ``sample_weight (*B, N)`` weighs the points (0 = padding), as in ``fit``. ``n_init``: the
+    shared start is the best of that many initializations (by its log-likelihood), the one
+    ``fit(..., max_iter=0, n_init=n_init)`` returns; every method starts from it.
     """
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not supported; choose from {list(METHODS)}")
     cov = get_covariance(covariance_type)
-    x, _ = validation.as_data(X, dtype=dtype, device=device, min_samples=2)
-    x = x.reshape(-1, *x.shape[-2:])
-    n_series, d = x.shape[0], x.shape[-1]
-    start_fit = fit(x, n_components, covariance_type=cov.name, reg_covar=reg_covar, max_iter=0,
-                    init_params=init_params, random_state=random_state, warn=False)
-    w = torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device)
-    xs, shift, scale, reg = standardize(x, w, reg_covar)
-    p = start_fit.params
-    init = GMMParams(
-        p.log_weights,
-        (p.means - shift.unsqueeze(-2)) / scale[:, None, None],
-        cov.rescale(p.prec_chol, scale.reciprocal()),
-    ).map(lambda t: t.unsqueeze(1))  # (B, 1, ...)
+    start_fit = fit(X, n_components, covariance_type=cov.name, reg_covar=reg_covar, max_iter=0, n_init=n_init,
+                    init_params=init_params, random_state=random_state, sample_weight=sample_weight,
+                    dtype=dtype, device=device, warn=False)
+    data = prepare(X, sample_weight, n_components, "raise", dtype, device)
+    n_series, d = data.x.shape[0], data.x.shape[-1]
+    xs, shift, scale, reg = standardize(data.x, data.w, reg_covar)
+    scaling, w = Scaling(shift, scale), data.w
+    start = start_fit.params.map(lambda t: t.reshape(n_series, *t.shape[len(start_fit.batch_shape):]))
+    init = scaling.to_standard(start, cov).map(lambda t: t.unsqueeze(1))  # (B, 1, ...)
+    members = Members(xs, w, reg)
 
     runs, finals, wall = {}, {}, {}
     for method in methods:
         iters = max_iter_adam if (method == "adam" and max_iter_adam is not None) else max_iter
+        rule = _method(method, lr).rule(cov, tol, chunk_size=chunk_size)
         t0 = time.perf_counter()
-        run = _run(method, xs, w, init, cov, reg, tol, iters, lr, chunk_size)
+        with torch.no_grad():
+            run = run_members(members, init, rule, tol, iters)
         wall[method] = time.perf_counter() - t0
         with torch.no_grad():
             final = objective(xs, w, run.params, cov, reg, chunk_size=chunk_size)
-        runs[method], finals[method] = run, final.detach().to("cpu", torch.float64)
+        runs[method], finals[method] = run, scaling.log_lik_to_data(final, d).to("cpu", torch.float64)
 
     with torch.no_grad():
-        f_init = objective(xs, w, init.map(lambda t: t[:, 0]), cov, reg, chunk_size=chunk_size)  # (B,)
+        f_init = scaling.log_lik_to_data(objective(xs, w, init.map(lambda t: t[:, 0]), cov, reg, chunk_size=chunk_size), d)  # (B,)
     curves = {}
     for method, run in runs.items():
-        hist = run.history.detach().to("cpu", torch.float64)
+        hist = scaling.log_lik_to_data(run.history.detach(), d).to("cpu", torch.float64)
         passes = run.passes.to("cpu", torch.float64)
         times = run.elapsed.to(torch.float64).unsqueeze(0).expand_as(hist)
         times = torch.where(torch.isfinite(hist), times, torch.nan)

@@ -26,6 +26,7 @@ message is :func:`get_covariance`'s list of the valid names.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -102,6 +103,7 @@ class Covariance:
     """Interface of a covariance type. Subclasses are stateless; use :func:`get_covariance`."""
 
     name: str = ""
+    precision_constraint: str = "positive"  # what valid_precision asks of a precision, for messages
 
     # -- shapes and counting -------------------------------------------------------------
     def prec_chol_shape(self, n_components: int, n_features: int) -> tuple[int, ...]:
@@ -135,13 +137,15 @@ class Covariance:
         """
         raise NotImplementedError
 
-    def covariance(self, nk: Tensor, shift: Tensor, scatter: Tensor, reg_covar: Tensor) -> Tensor:
+    def covariance(self, nk: Tensor, shift: Tensor, scatter: Tensor, reg_covar: Tensor, count: Optional[Tensor] = None) -> Tensor:
         """Covariance estimate in this type's shape, from statistics about the reference means.
 
         ``nk (*B, K)`` weights, ``shift (*B, K, D)`` = new mean - reference mean,
         ``scatter`` as returned by :meth:`scatter` (summed over chunks), ``reg_covar (*B)`` is
-        added to the diagonal. The centring correction ``- nk shift shift^T`` is small because the
-        reference is the previous mean: no ``E[xx^T] - mu mu^T`` cancellation.
+        added to the diagonal. The centred scatter ``scatter - nk shift shift^T`` (a small
+        correction, because the reference is the previous mean: no ``E[xx^T] - mu mu^T``
+        cancellation) is divided by ``count (*B, K)``, by default ``nk`` (maximum likelihood; the
+        conjugate prior passes :meth:`prior_count`).
         """
         raise NotImplementedError
 
@@ -149,6 +153,41 @@ class Covariance:
         """``(prec_chol, ok)``; ``ok (*B)`` is False for members whose covariance is not SPD even
         after jitter (their ``prec_chol`` is finite but meaningless)."""
         raise NotImplementedError
+
+    def valid_precision(self, precision: Tensor) -> bool:
+        """Whether every precision in this type's shape is a valid one (SPD / positive, finite)."""
+        return bool((precision > 0).all()) and bool(torch.isfinite(precision).all())
+
+    def points_for_full_rank(self, n_components: int, n_features: int) -> Optional[int]:
+        """Points below which the maximum-likelihood covariance is singular whatever the data
+        (only ``reg_covar`` keeps it invertible); None where a few points always suffice."""
+        return None
+
+    # -- the conjugate prior (Fraley & Raftery 2007; see ``torchgmm.prior``) ------------------
+    def prior_scale_shape(self, n_features: int) -> tuple[int, ...]:
+        """Shape of the prior's scale per series: ``(D, D)`` full and tied, ``(D,)`` diag, ``()``
+        spherical."""
+        raise NotImplementedError
+
+    def prior_scatter(self, scale: Tensor, n_components: int, n_features: int) -> Tensor:
+        """The prior's ``scale (*B, *prior_scale_shape)`` as a term of each component's scatter
+        (broadcasting against :meth:`scatter`'s shape): the posterior mode's numerator is the
+        augmented data's centred scatter plus this."""
+        raise NotImplementedError
+
+    def prior_count(self, nk: Tensor, dof: Tensor, n_features: int) -> Tensor:
+        """The posterior mode's denominator as a per-component ``count (*B, K)`` for
+        :meth:`covariance`, from the data's ``nk (*B, K)`` and the prior's ``dof (*B)``."""
+        raise NotImplementedError
+
+    def prior_log_det_coef(self, dof: Tensor, n_features: int, n_components: int) -> Tensor:
+        """Coefficient of ``sum log det U`` in the log prior density."""
+        raise NotImplementedError
+
+    def scatter_form(self, values: Tensor, n_components: int, n_features: int) -> Tensor:
+        """Per-type values (``prec_chol``-shaped, e.g. precisions) expanded to the shape of
+        :meth:`scatter`, so that ``(prior_scatter * scatter_form(P)).sum()`` is ``sum tr(scale P)``."""
+        return values
 
     # -- conversions -----------------------------------------------------------------------
     def covariance_from_prec_chol(self, prec_chol: Tensor) -> Tensor:
@@ -185,6 +224,7 @@ class Covariance:
 
 class Full(Covariance):
     name = "full"
+    precision_constraint = "symmetric positive definite"
 
     def prec_chol_shape(self, n_components, n_features):
         return (n_components, n_features, n_features)
@@ -202,10 +242,32 @@ class Full(Covariance):
     def scatter(self, diff, resp):
         return matmul((diff * resp.unsqueeze(-1)).mT, diff)  # (*B, K, D, D)
 
-    def covariance(self, nk, shift, scatter, reg_covar):
-        cov = scatter / nk[..., None, None] - shift.unsqueeze(-1) * shift.unsqueeze(-2)
+    def _centred(self, nk, shift, scatter):
+        return scatter - nk[..., None, None] * shift.unsqueeze(-1) * shift.unsqueeze(-2)  # (*B, K, D, D)
+
+    def covariance(self, nk, shift, scatter, reg_covar, count=None):
+        cov = self._centred(nk, shift, scatter) / (nk if count is None else count)[..., None, None]
         cov = 0.5 * (cov + cov.mT)
         return cov + _diag_matrix(reg_covar[..., None], cov)
+
+    def valid_precision(self, precision):
+        symmetric = torch.allclose(precision, precision.mT, rtol=1e-5, atol=1e-8)
+        return symmetric and bool((torch.linalg.cholesky_ex(precision).info == 0).all())
+
+    def points_for_full_rank(self, n_components, n_features):
+        return n_components * (n_features + 1)  # D + 1 per component
+
+    def prior_scale_shape(self, n_features):
+        return (n_features, n_features)
+
+    def prior_scatter(self, scale, n_components, n_features):
+        return scale.unsqueeze(-3)
+
+    def prior_count(self, nk, dof, n_features):
+        return nk + (dof + n_features + 2)[..., None]
+
+    def prior_log_det_coef(self, dof, n_features, n_components):
+        return dof + n_features + 2
 
     def prec_chol_from_covariance(self, cov, reg_covar):
         prec_chol, ok = _prec_chol_from_cov_matrix(cov, reg_covar[..., None])
@@ -252,11 +314,26 @@ class Tied(Full):
     def mahalanobis(self, diff, prec_chol):
         return super().mahalanobis(diff, prec_chol.unsqueeze(-3))
 
-    def covariance(self, nk, shift, scatter, reg_covar):
-        centred = scatter - nk[..., None, None] * shift.unsqueeze(-1) * shift.unsqueeze(-2)
-        cov = centred.sum(-3) / nk.sum(-1)[..., None, None]
+    def covariance(self, nk, shift, scatter, reg_covar, count=None):
+        cov = self._centred(nk, shift, scatter).sum(-3) / (nk if count is None else count).sum(-1)[..., None, None]
         cov = 0.5 * (cov + cov.mT)
         return cov + _diag_matrix(reg_covar, cov)
+
+    def points_for_full_rank(self, n_components, n_features):
+        return n_components + n_features  # the pooled scatter has N - K degrees of freedom
+
+    def prior_scatter(self, scale, n_components, n_features):
+        return scale.unsqueeze(-3) / n_components  # summed over the K components: scale once
+
+    def prior_count(self, nk, dof, n_features):
+        k = nk.shape[-1]
+        return nk + ((dof + n_features + k + 1) / k)[..., None]  # summed: n + dof + D + K + 1
+
+    def prior_log_det_coef(self, dof, n_features, n_components):
+        return dof + n_features + n_components + 1
+
+    def scatter_form(self, values, n_components, n_features):
+        return values.unsqueeze(-3).expand(*values.shape[:-2], n_components, n_features, n_features)
 
     def prec_chol_from_covariance(self, cov, reg_covar):
         return _prec_chol_from_cov_matrix(cov, reg_covar)
@@ -288,9 +365,21 @@ class Diag(Covariance):
     def scatter(self, diff, resp):
         return matmul(resp.unsqueeze(-2), diff.square()).squeeze(-2)  # (*B, K, D)
 
-    def covariance(self, nk, shift, scatter, reg_covar):
-        var = (scatter / nk[..., None] - shift.square()).clamp_min(0.0)
+    def covariance(self, nk, shift, scatter, reg_covar, count=None):
+        var = (scatter - nk[..., None] * shift.square()).clamp_min(0.0) / (nk if count is None else count)[..., None]
         return var + reg_covar[..., None, None]
+
+    def prior_scale_shape(self, n_features):
+        return (n_features,)
+
+    def prior_scatter(self, scale, n_components, n_features):
+        return scale.unsqueeze(-2)
+
+    def prior_count(self, nk, dof, n_features):
+        return nk + (dof + 3)[..., None]
+
+    def prior_log_det_coef(self, dof, n_features, n_components):
+        return dof + 3
 
     def prec_chol_from_covariance(self, cov, reg_covar):
         ok = (cov > 0).flatten(-2).all(-1)
@@ -327,9 +416,24 @@ class Spherical(Diag):
     def mahalanobis(self, diff, prec_chol):
         return diff.square().sum(-1) * prec_chol.square().unsqueeze(-1)
 
-    def covariance(self, nk, shift, scatter, reg_covar):
-        var = (scatter / nk[..., None] - shift.square()).clamp_min(0.0).mean(-1)
-        return var + reg_covar[..., None]
+    def covariance(self, nk, shift, scatter, reg_covar, count=None):
+        centred = (scatter - nk[..., None] * shift.square()).clamp_min(0.0).sum(-1)  # (*B, K): trace
+        return centred / (shift.shape[-1] * (nk if count is None else count)) + reg_covar[..., None]
+
+    def prior_scale_shape(self, n_features):
+        return ()
+
+    def prior_scatter(self, scale, n_components, n_features):
+        return (scale / n_features)[..., None, None]  # on each of the D diagonal entries: the trace gains scale
+
+    def prior_count(self, nk, dof, n_features):
+        return nk + ((dof + n_features + 2) / n_features)[..., None]  # times D: D n_k + dof + D + 2
+
+    def prior_log_det_coef(self, dof, n_features, n_components):
+        return (dof + n_features + 2) / n_features
+
+    def scatter_form(self, values, n_components, n_features):
+        return values.unsqueeze(-1).expand(*values.shape, n_features)
 
     def prec_chol_from_covariance(self, cov, reg_covar):
         ok = (cov > 0).all(-1)

@@ -1,59 +1,47 @@
-"""Gradient-based maximum likelihood on THE log-density, and the objective EM and it share.
+"""Gradient-based maximum likelihood on THE log-density: L-BFGS and Adam as step rules.
 
-The objective (see ``docs/gradient.md``): per series, with weights ``w_n`` summing to ``W``,
-
-    F(theta) = 1/W sum_n w_n log sum_k pi_k N(x_n | mu_k, Sigma_k) exp(-reg/2 tr(Sigma_k^-1))
-               [+ log_prior(theta) / W]
-
-i.e. the mean log-likelihood of a mixture whose complete-data log-density carries the penalty
-``-reg/2 tr(P_k)`` (``P_k`` the precision; ``tied``: one ``P``). EM on ``F`` is exact: the E-step
-takes its responsibilities from the *tilted* log-weights ``log pi_k - reg/2 tr P_k`` and the
-M-step is exactly the familiar ``Sigma_k = S_k / n_k + reg I`` (diag, spherical and tied alike),
-so ``F`` never decreases and EM's fixed points are stationary points of ``F``
-(:func:`penalized_em_step`). scikit-learn's EM (the untilted E-step with ``+ reg I``) is the
-same iteration with responsibilities off by ``O(reg)``; it is the fixed point of no objective.
-
-The gradient mode evaluates ``F`` through :func:`torchgmm.density.log_prob` (no second copy of the
-math), on the unconstrained parameters: softmax logits, means, and the precision Cholesky factor
-with a log-diagonal (``Covariance.to_unconstrained``), packed per member into one vector.
+Both maximize the shared objective ``F`` of ``torchgmm.objective`` (the same one EM increases),
+evaluated through :func:`torchgmm.density.log_prob` (no second copy of the math), on the
+unconstrained parameters of :class:`torchgmm.objective.ParamPacker` (softmax logits, means, and
+the precision Cholesky factor with a log-diagonal), one vector per member.
 
 - L-BFGS is per member: each member has its own curvature pairs, its own step length and its own
-  backtracking Armijo line search (batched two-loop recursion; members that finished stop
-  changing). Not ``torch.optim.LBFGS``, which takes one step length for the whole batch.
-- Adam: per-member moments, step counts and convergence.
+  backtracking Armijo line search (batched two-loop recursion). Not ``torch.optim.LBFGS``, which
+  takes one step length for the whole batch.
+- Adam: per-member moments and step counts.
 
-Both report a :class:`torchgmm.em.MemberRun` exactly like :func:`torchgmm.em.run_em`: per member
-the objective per iteration (``history``), the density evaluations spent (``passes``, line-search
-trials included; one evaluation = value and gradient over all points) and the batch's elapsed
-time. Convergence is EM's rule, ``|change of F| < tol`` per member; a member whose objective or
-gradient turns non-finite where no smaller step helps keeps its last finite parameters and is
-marked failed.
+Each is a step rule of the member loop (``torchgmm.loop``): one iteration is one L-BFGS step
+(direction, then a line search of one or more evaluations) or one Adam step (one evaluation); the
+value of an iteration is ``F`` after it, and ``passes`` counts evaluations (value and gradient over
+all points; the one at the start included).
+
+Convergence means what it means for EM: the member is at a stationary point to within ``tol`` of
+the objective. A small change of ``F`` alone is not enough (a short first step changes it by
+little far from the optimum), so L-BFGS also asks that the gain its quasi-Newton model still
+predicts, ``-g.d / 2`` with ``d`` the next direction, is below ``tol``; Adam, which has no
+curvature model, asks the same of ``|g|^2 / 2`` (the gain of a unit-curvature model: the
+coordinates are standardized, so the curvature is of order one). A member whose line search
+finds no decrease even along the steepest descent has converged to working precision; one whose
+objective or gradient turns non-finite where no smaller step helps fails (keeps its last finite
+parameters).
 
 Data arrive standardized (see ``fit``); no validation and no messages here.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .covariance import Covariance, get_covariance
-from .density import GMMParams, log_prob
-from .em import MemberRun, em_step, member_outputs
+from .density import GMMParams
+from .loop import Batch, Start, Step
+from .objective import ParamPacker, objective
+from .stats import point_chunks
 
-__all__ = [
-    "trace_precision",
-    "penalized_params",
-    "objective",
-    "penalized_em_step",
-    "ParamPacker",
-    "run_gradient",
-    "DEFAULT_LR",
-]
+__all__ = ["LBFGSRule", "AdamRule", "DEFAULT_LR"]
 
 #: Default step sizes: L-BFGS's first trial step scale, Adam's learning rate.
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.05}
@@ -64,166 +52,54 @@ MAX_LINE_SEARCH = 25
 ARMIJO_C1 = 1e-4
 
 
-# -- the shared objective ---------------------------------------------------------------------
-def trace_precision(prec_chol: Tensor, covariance_type: str | Covariance, n_components: int, n_features: int) -> Tensor:
-    """``tr(P_k)`` per component, ``(*L, K)``, from the covariance type's own Mahalanobis term:
-    ``tr P = sum_d e_d^T P e_d`` (the unit vectors as ``D`` points), so no type is special-cased."""
-    cov = get_covariance(covariance_type)
-    eye = torch.eye(n_features, dtype=prec_chol.dtype, device=prec_chol.device)
-    unit = eye.expand(n_components, n_features, n_features)  # (K, "N" = D, D)
-    return cov.mahalanobis(unit, prec_chol).sum(-1)  # (*L, K)
-
-
-def penalized_params(params: GMMParams, covariance_type: str | Covariance, reg_covar: Tensor) -> GMMParams:
-    """``params`` with the log-weights tilted by ``-reg/2 tr(P_k)`` (no longer normalized): the
-    log-density of these parameters is ``F``'s per-point term. ``reg_covar`` broadcasts against
-    the parameters' leading dims ``(*L)``."""
-    k, d = params.means.shape[-2:]
-    reg = torch.as_tensor(reg_covar, dtype=params.means.dtype, device=params.means.device)
-    tilt = -0.5 * reg.unsqueeze(-1) * trace_precision(params.prec_chol, covariance_type, k, d)  # (*L, K)
-    return params._replace(log_weights=params.log_weights + tilt)
-
-
-def _log_prior(prior, params: GMMParams, cov: Covariance) -> Optional[Tensor]:
-    if prior is None or not hasattr(prior, "log_prior"):
-        return None
-    return prior.log_prior(params, cov)
-
-
-def objective(
-    x: Tensor,
-    w: Tensor,
-    params: GMMParams,
-    covariance_type: str | Covariance,
-    reg_covar,
-    prior=None,
-    chunk_size: Optional[int] = None,
-    w_total: Optional[Tensor] = None,
-) -> Tensor:
-    """The shared objective ``F`` (module docstring) per member, ``(*L)``; differentiable.
-
-    ``x (..., N, D)``, ``w (..., N)`` and ``reg_covar`` broadcast against the parameters' leading
-    dims ``(*L)``. Chunks of ``chunk_size`` points bound the memory of the forward pass.
-    """
-    cov = get_covariance(covariance_type)
-    tilted = penalized_params(params, cov, reg_covar)
-    n = x.shape[-2]
-    step = n if chunk_size is None else max(1, int(chunk_size))
-    total = None
-    for start in range(0, n, step):
-        part = (w[..., start : start + step] * log_prob(x[..., start : start + step, :], tilted, cov)).sum(-1)
-        total = part if total is None else total + part
-    if w_total is None:
-        w_total = w.sum(-1)
-    value = total / w_total
-    extra = _log_prior(prior, params, cov)
-    return value if extra is None else value + extra / w_total
-
-
-def penalized_em_step(x, w, w_total, params: GMMParams, cov: Covariance, reg_covar, prior=None, chunk_size=None, **kwargs):
-    """One EM iteration on ``F``, with :func:`torchgmm.em.em_step`'s signature and outputs.
-
-    The E-step runs on the tilted log-weights (the complete-data penalty); the M-step is
-    ``em_step``'s own, which returns normalized weights and ``S/n_k + reg I``. The returned lower
-    bound is ``F(params)`` without the prior term (as ``em_step`` reports the log-likelihood
-    without it). Pass it as ``run_em(..., step=penalized_em_step)``.
-    """
-    reg = torch.as_tensor(reg_covar, dtype=params.means.dtype, device=params.means.device)
-    return em_step(x, w, w_total, penalized_params(params, cov, reg), cov, reg_covar, prior, chunk_size, **kwargs)
-
-
-# -- unconstrained parameter vectors -----------------------------------------------------------
-class ParamPacker:
-    """``GMMParams`` <-> one unconstrained vector per member, ``(*L, P)``:
-    ``[logits (K), means (K*D), to_unconstrained(prec_chol) (type's shape)]``.
-
-    Logits are the log-weights themselves (any constant shift is the same mixture); entries of the
-    raw factor that ``from_unconstrained`` ignores (below a full factor's diagonal) stay zero and
-    get zero gradient.
-    """
-
-    def __init__(self, covariance_type: str | Covariance, n_components: int, n_features: int):
-        self.cov = get_covariance(covariance_type)
-        self.k, self.d = n_components, n_features
-        self.raw_shape = self.cov.prec_chol_shape(n_components, n_features)
-        self.sizes = (n_components, n_components * n_features, math.prod(self.raw_shape))
-        self.size = sum(self.sizes)
-
-    def pack(self, params: GMMParams) -> Tensor:
-        n_lead = params.means.dim() - 2
-        logits = params.log_weights.clamp_min(torch.finfo(params.log_weights.dtype).min / 4)  # no -inf
-        raw = self.cov.to_unconstrained(params.prec_chol)
-        return torch.cat([logits.flatten(n_lead), params.means.flatten(n_lead), raw.flatten(n_lead)], -1)
-
-    def unpack(self, theta: Tensor) -> GMMParams:
-        lead = theta.shape[:-1]
-        logits, means, raw = theta.split(self.sizes, -1)
-        return GMMParams(
-            torch.log_softmax(logits, -1),
-            means.reshape(*lead, self.k, self.d),
-            self.cov.from_unconstrained(raw.reshape(*lead, *self.raw_shape)),
-        )
-
-
-# -- members and their data ------------------------------------------------------------------
-class _Members:
-    """The data of any subset of the ``M = B * R`` members (series-major). The whole set is
-    evaluated as ``(B, R)`` parameters against ``(B, 1, N, D)`` data (a view); a subset gathers
-    its series' rows."""
-
-    def __init__(self, x, w, reg_covar, prior, n_init):
-        self.x, self.w, self.reg, self.prior = x, w, reg_covar, prior
-        self.w_total = w.sum(-1)
-        self.n_series, self.n_init = x.shape[0], n_init
-        self.m = self.n_series * n_init
-        self.series_of = torch.arange(self.m, device=x.device) // n_init
-
-        self._cached = (None, None)
-
-    def data(self, members: Tensor):
-        """``(lead, x, w, w_total, reg, prior)`` for ``members`` (flat member ids, ascending).
-
-        The rows gathered for the last ``members`` tensor are reused while it is passed again."""
-        if members.numel() == self.m:  # everyone, in order: broadcast, no copy
-            b = self.n_series
-            prior = None if self.prior is None else type(self.prior)(*(t.unsqueeze(1) for t in self.prior))
-            return (b, self.n_init), self.x.unsqueeze(1), self.w.unsqueeze(1), self.w_total.unsqueeze(1), self.reg.unsqueeze(1), prior
-        if self._cached[0] is members:
-            return self._cached[1]
-        rows = self.series_of[members]
-        prior = None if self.prior is None else type(self.prior)(*(t[rows] for t in self.prior))
-        out = (len(members),), self.x[rows], self.w[rows], self.w_total[rows], self.reg[rows], prior
-        self._cached = (members, out)
-        return out
-
-
-def _value_and_grad(theta: Tensor, members: Tensor, pool: _Members, packer: ParamPacker, chunk_size):
-    """``(-F (S,), -dF/dtheta (S, P))`` for flat ``theta (S, P)`` of ``members (S,)``: one data
-    pass (forward and backward), chunked over points."""
-    lead, x, w, w_total, reg, prior = pool.data(members)
-    theta = theta.detach().reshape(*lead, packer.size).requires_grad_(True)
-    n = x.shape[-2]
-    step = n if chunk_size is None else max(1, int(chunk_size))
-    value = torch.zeros(lead, dtype=theta.dtype, device=theta.device)
+def _value_and_grad(theta: Tensor, batch: Batch, packer: ParamPacker, chunk_size) -> tuple[Tensor, Tensor]:
+    """``(-F (S,), -dF/dtheta (S, P))`` for flat ``theta (S, P)`` of the members of ``batch``: one
+    data pass (forward and backward), chunked over points; the prior enters once."""
+    theta = theta.detach().reshape(*batch.lead, packer.size).requires_grad_(True)
+    value = torch.zeros(batch.lead, dtype=theta.dtype, device=theta.device)
     grad = torch.zeros_like(theta)
     with torch.enable_grad():
-        for start in range(0, n, step):
-            params = packer.unpack(theta)
-            tilted = penalized_params(params, packer.cov, reg)
-            part = (w[..., start : start + step] * log_prob(x[..., start : start + step, :], tilted, packer.cov)).sum(-1)
-            if start == 0:
-                extra = _log_prior(prior, params, packer.cov)
-                if extra is not None:
-                    part = part + extra
-            part = part / w_total
-            (g,) = torch.autograd.grad(part.sum(), theta)
-            value += part.detach()
+        for i, part in enumerate(point_chunks(batch.x.shape[-2], chunk_size)):
+            f = objective(
+                batch.x[..., part, :], batch.w[..., part], packer.unpack(theta), packer.cov, batch.reg,
+                batch.prior if i == 0 else None, w_total=batch.w_total,
+            )
+            (g,) = torch.autograd.grad(f.sum(), theta)
+            value += f.detach()
             grad += g
     return -value.reshape(-1), -grad.reshape(-1, packer.size)
 
 
 def _finite_rows(t: Tensor) -> Tensor:
     return torch.isfinite(t).all(-1) if t.dim() > 1 else torch.isfinite(t)
+
+
+class _GradientRule:
+    """What L-BFGS and Adam share: the packed parameters, the start, the objective."""
+
+    def __init__(self, covariance_type: str | Covariance, tol: float, lr: float, chunk_size: Optional[int] = None):
+        self.cov = get_covariance(covariance_type)
+        self.tol, self.lr, self.chunk_size = tol, lr, chunk_size
+        self.packer: Optional[ParamPacker] = None
+
+    def _evaluate(self, theta: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        return _value_and_grad(theta, batch, self.packer, self.chunk_size)
+
+    def _begin(self, batch: Batch, params: GMMParams):
+        k, d = params.means.shape[-2:]
+        self.packer = ParamPacker(self.cov, k, d)
+        theta = self.packer.pack(params).detach()  # (S, P)
+        f, g = self._evaluate(theta, batch)
+        ok = torch.isfinite(f) & _finite_rows(g)
+        return theta, f, g, ok
+
+    def params(self, state) -> GMMParams:
+        return self.packer.unpack(state.theta)
+
+    def objective(self, batch: Batch, params: GMMParams) -> Tensor:
+        with torch.no_grad():
+            return objective(batch.x, batch.w, batch.shaped(params), self.cov, batch.reg, batch.prior,
+                             self.chunk_size, batch.w_total).reshape(-1)
 
 
 # -- L-BFGS, per member ---------------------------------------------------------------------------
@@ -247,240 +123,148 @@ def _two_loop(g: Tensor, s_hist: Tensor, y_hist: Tensor, rho: Tensor, valid: Ten
     return -r
 
 
-class _LBFGS:
-    """Per-member L-BFGS state on the working members (flat, ``(S, ...)``)."""
 
-    def __init__(self, n: int, size: int, history_size: int, like: Tensor):
-        self.s = torch.zeros(n, history_size, size, dtype=like.dtype, device=like.device)
-        self.y = torch.zeros_like(self.s)
-        self.rho = torch.zeros(n, history_size, dtype=like.dtype, device=like.device)
-        self.valid = torch.zeros(n, history_size, dtype=torch.bool, device=like.device)
-
-    def select(self, keep: Tensor) -> None:
-        self.s, self.y, self.rho, self.valid = self.s[keep], self.y[keep], self.rho[keep], self.valid[keep]
-
-    def direction(self, g: Tensor) -> Tensor:
-        return _two_loop(g, self.s, self.y, self.rho, self.valid)
-
-    def reset(self, mask: Tensor) -> None:
-        self.valid = self.valid & ~mask.unsqueeze(-1)
-
-    def push(self, mask: Tensor, s: Tensor, y: Tensor) -> None:
-        """Prepend the pair ``(s, y)`` for members in ``mask`` (oldest pair dropped)."""
-        sy = (s * y).sum(-1)
-        rho = 1.0 / torch.where(mask, sy, torch.ones_like(sy))
-        m3 = mask[:, None, None]
-        self.s = torch.where(m3, torch.cat([s.unsqueeze(1), self.s[:, :-1]], 1), self.s)
-        self.y = torch.where(m3, torch.cat([y.unsqueeze(1), self.y[:, :-1]], 1), self.y)
-        self.rho = torch.where(mask[:, None], torch.cat([rho.unsqueeze(1), self.rho[:, :-1]], 1), self.rho)
-        new_valid = torch.cat([torch.ones_like(mask).unsqueeze(1), self.valid[:, :-1]], 1)
-        self.valid = torch.where(mask[:, None], new_valid, self.valid)
+class _LBFGSState(NamedTuple):
+    theta: Tensor  # (S, P)
+    f: Tensor  # (S,) -F
+    g: Tensor  # (S, P) -dF/dtheta
+    s: Tensor  # (S, m, P) steps, newest first
+    y: Tensor  # (S, m, P) gradient changes
+    rho: Tensor  # (S, m)
+    valid: Tensor  # (S, m) bool: the pairs each member has
 
 
-class _Adam:
-    """Per-member Adam state (moments and step counts) on the working members."""
-
-    def __init__(self, n: int, size: int, like: Tensor, betas=(0.9, 0.999), eps=1e-8):
-        self.m = torch.zeros(n, size, dtype=like.dtype, device=like.device)
-        self.v = torch.zeros_like(self.m)
-        self.t = torch.zeros(n, dtype=like.dtype, device=like.device)
-        self.betas, self.eps = betas, eps
-
-    def select(self, keep: Tensor) -> None:
-        self.m, self.v, self.t = self.m[keep], self.v[keep], self.t[keep]
-
-    def step(self, g: Tensor, lr: float) -> Tensor:
-        b1, b2 = self.betas
-        self.t = self.t + 1
-        self.m = b1 * self.m + (1 - b1) * g
-        self.v = b2 * self.v + (1 - b2) * g.square()
-        m_hat = self.m / (1 - b1 ** self.t).unsqueeze(-1)
-        v_hat = self.v / (1 - b2 ** self.t).unsqueeze(-1)
-        return -lr * m_hat / (v_hat.sqrt() + self.eps)
+def _direction(state: _LBFGSState, g: Tensor) -> Tensor:
+    return _two_loop(g, state.s, state.y, state.rho, state.valid)
 
 
-# -- the loop ---------------------------------------------------------------------------------------
-def run_gradient(
-    x: Tensor,
-    w: Tensor,
-    init: GMMParams,
-    covariance_type: str | Covariance,
-    reg_covar: Tensor,
-    tol: float,
-    max_iter: int,
-    *,
-    optimizer: str = "lbfgs",
-    lr: Optional[float] = None,
-    prior=None,
-    chunk_size: Optional[int] = None,
-    history_size: int = HISTORY_SIZE,
-    max_line_search: int = MAX_LINE_SEARCH,
-    compact_below: float = 0.5,
-    catch_interrupt: bool = True,
-) -> MemberRun:
-    """Maximize ``F`` for ``init (B, R, ...)`` on standardized ``x (B, N, D)``, weights
-    ``w (B, N)``, ``reg_covar (B,)``, ``prior`` (a NamedTuple of ``(B, ...)`` tensors with a
-    ``log_prior(params, cov)`` method, or None), with ``optimizer`` ``"lbfgs"`` or ``"adam"``.
-
-    One iteration is one L-BFGS step (direction, then a line search of one or more evaluations)
-    or one Adam step (one evaluation). ``lr``: the scale of L-BFGS's first trial step (default
-    1), or Adam's learning rate (default 0.05). ``lower_bound`` is ``F`` of the returned
-    parameters; ``history[m, t]`` is ``F`` after iteration ``t`` and ``passes[m, t]`` the
-    evaluations spent by then, the one at ``init`` included.
-    """
-    if optimizer not in ("lbfgs", "adam"):
-        raise ValueError(f"optimizer={optimizer!r} is not supported; choose 'lbfgs' or 'adam'")
-    lr = DEFAULT_LR[optimizer] if lr is None else float(lr)
-    cov = get_covariance(covariance_type)
-    n_series, n_init, k = init.log_weights.shape
-    d = x.shape[-1]
-    device, dtype = x.device, x.dtype
-    packer = ParamPacker(cov, k, d)
-    pool = _Members(x, w, reg_covar, prior, n_init)
-    m = pool.m
-
-    theta_out = packer.pack(init.map(lambda t: t.reshape(m, *t.shape[2:]).to(dtype))).detach().clone()  # (M, P)
-    out_lb, out_n_iter, out_conv, out_failed, history, passes, elapsed = member_outputs(m, max_iter, dtype, device)
-
-    def result(interrupted=False):
-        params = packer.unpack(theta_out)
-        return MemberRun(params, out_lb, out_n_iter, out_conv, out_failed, history, passes, elapsed, interrupted)
-
-    idx = torch.arange(m, device=device)  # working members
-    start = time.perf_counter()
-    f, g = _value_and_grad(theta_out, idx, pool, packer, chunk_size)
-    if max_iter == 0:
-        out_lb.copy_(-f)
-        return result()
-    n_pass = torch.ones(m, dtype=dtype, device=device)
-    start_ok = torch.isfinite(f) & _finite_rows(g)
-    out_failed |= ~start_ok
-    out_lb.copy_(torch.where(start_ok, -f, out_lb))
-
-    theta = theta_out.clone()
-    state = _LBFGS(m, packer.size, history_size, theta) if optimizer == "lbfgs" else _Adam(m, packer.size, theta)
-    active = start_ok.clone()
-
-    def write_back():
-        theta_out[idx] = theta
-        out_lb[idx] = torch.where(torch.isfinite(f), -f, out_lb[idx])
-
-    interrupted = False
-    try:
-        for it in range(max_iter):
-            if not bool(active.any()):
-                break
-            if optimizer == "lbfgs":
-                theta_new, f_new, g_new, moved, stalled, n_eval, broke = _lbfgs_iteration(
-                    theta, f, g, active, idx, state, pool, packer, chunk_size, lr, max_line_search
-                )
-            else:
-                theta_new, f_new, g_new, moved, stalled, n_eval, broke = _adam_iteration(
-                    theta, f, g, active, idx, state, pool, packer, chunk_size, lr
-                )
-            n_pass = n_pass + n_eval
-            change = (f_new - f).abs()
-            converged_now = active & ((moved & (change < tol)) | stalled)
-            failed_now = active & broke
-            f_kept = torch.where(moved, f_new, f)
-            history[idx, it] = torch.where(active, -f_kept, torch.nan)
-            passes[idx, it] = torch.where(active, n_pass, torch.nan)
-            out_n_iter[idx] = torch.where(active, it + 1, out_n_iter[idx])
-            out_conv[idx] = out_conv[idx] | converged_now
-            out_failed[idx] = out_failed[idx] | failed_now
-            # One assignment, so that an interrupt leaves parameters and objective consistent.
-            theta, f, g, active = (
-                torch.where(moved.unsqueeze(-1), theta_new, theta),
-                f_kept,
-                torch.where(moved.unsqueeze(-1), g_new, g),
-                active & ~converged_now & ~failed_now,
-            )
-            elapsed[it] = time.perf_counter() - start
-            n_active = int(active.sum())
-            if 0 < n_active <= compact_below * len(idx):
-                write_back()
-                keep = active.nonzero().squeeze(-1)
-                idx, theta, f, g, n_pass = idx[keep], theta[keep], f[keep], g[keep], n_pass[keep]
-                state.select(keep)
-                active = torch.ones(len(idx), dtype=torch.bool, device=device)
-    except KeyboardInterrupt:
-        if not catch_interrupt:
-            raise
-        interrupted = True
-    write_back()
-    return result(interrupted)
-
-
-def _lbfgs_iteration(theta, f, g, active, idx, state: _LBFGS, pool, packer, chunk_size, lr, max_ls):
-    """One L-BFGS step for the active members: direction, batched backtracking Armijo search.
-
-    Returns ``(theta_new, f_new, g_new, moved, stalled, n_eval, broke)``: ``moved`` members found
-    a sufficient decrease; ``stalled`` found none even by steepest descent (a stationary point to
-    working precision: converged); ``broke`` found only non-finite values (failed). A member whose
-    quasi-Newton direction finds no decrease drops its curvature pairs and retries next time.
-    """
-    d = state.direction(g)
-    gd = (g * d).sum(-1)
-    fresh = ~state.valid[:, 0]
-    not_descent = ~(gd < 0) | ~_finite_rows(d)
-    state.reset(not_descent)
-    d = torch.where(not_descent.unsqueeze(-1), -g, d)
-    gd = torch.where(not_descent, -(g * g).sum(-1), gd)
-    fresh = fresh | not_descent
-    gnorm = g.norm(dim=-1)
-    t = torch.where(fresh, torch.clamp(lr / gnorm.clamp_min(torch.finfo(g.dtype).tiny), max=lr), torch.full_like(gd, 1.0))
-
-    theta_new, f_new, g_new = theta.clone(), f.clone(), g.clone()
-    searching = active.clone()
-    any_finite = torch.zeros_like(active)
-    n_eval = torch.zeros_like(f)
-    for _ in range(max_ls):
-        sel = searching.nonzero().squeeze(-1)
-        if sel.numel() == 0:
-            break
-        trial = theta[sel] + t[sel].unsqueeze(-1) * d[sel]
-        ft, gt = _value_and_grad(trial, idx[sel], pool, packer, chunk_size)
-        n_eval[sel] += 1
-        finite = torch.isfinite(ft) & _finite_rows(gt)
-        any_finite[sel] |= finite
-        ok = finite & (ft <= f[sel] + ARMIJO_C1 * t[sel] * gd[sel])
-        acc = sel[ok]
-        theta_new[acc], f_new[acc], g_new[acc] = trial[ok], ft[ok], gt[ok]
-        searching[acc] = False
-        # Backtrack the others: minimizer of the quadratic through f, f'(0) and f(t), kept in
-        # [0.1 t, 0.5 t]; a non-finite trial shrinks by 10.
-        rej = ~ok
-        ts, fs, gds = t[sel][rej], f[sel][rej], gd[sel][rej]
-        curv = ft[rej] - fs - ts * gds
-        quad = -gds * ts.square() / (2 * curv)
-        quad = torch.where(torch.isfinite(quad) & (curv > 0), quad, 0.1 * ts)
-        t[sel[rej]] = torch.minimum(torch.maximum(quad, 0.1 * ts), 0.5 * ts)
-    moved = active & ~searching
-    # Curvature pairs: only where s^T y > 0 (kept positive definite without a Wolfe search).
-    s, y = theta_new - theta, g_new - g
+def _push(state: _LBFGSState, mask: Tensor, s: Tensor, y: Tensor) -> _LBFGSState:
+    """Prepend the pair ``(s, y)`` for members in ``mask`` (oldest pair dropped)."""
     sy = (s * y).sum(-1)
-    good_pair = moved & (sy > 1e-10 * s.norm(dim=-1) * y.norm(dim=-1)) & (sy > 0)
-    state.push(good_pair, s, y)
-    failed_search = active & searching
-    stalled = failed_search & fresh & any_finite
-    broke = failed_search & ~any_finite
-    state.reset(failed_search)  # quasi-Newton members retry with steepest descent next time
-    return theta_new, f_new, g_new, moved, stalled, n_eval, broke
+    rho = 1.0 / torch.where(mask, sy, torch.ones_like(sy))
+    m2, m3 = mask[:, None], mask[:, None, None]
+    return state._replace(
+        s=torch.where(m3, torch.cat([s.unsqueeze(1), state.s[:, :-1]], 1), state.s),
+        y=torch.where(m3, torch.cat([y.unsqueeze(1), state.y[:, :-1]], 1), state.y),
+        rho=torch.where(m2, torch.cat([rho.unsqueeze(1), state.rho[:, :-1]], 1), state.rho),
+        valid=torch.where(m2, torch.cat([torch.ones_like(m2), state.valid[:, :-1]], 1), state.valid),
+    )
 
 
-def _adam_iteration(theta, f, g, active, idx, state: _Adam, pool, packer, chunk_size, lr):
-    """One Adam step for the active members (one evaluation each)."""
-    sel = active.nonzero().squeeze(-1)
-    step = state.step(g, lr)
-    trial = theta[sel] + step[sel]
-    ft, gt = _value_and_grad(trial, idx[sel], pool, packer, chunk_size)
-    theta_new, f_new, g_new = theta.clone(), f.clone(), g.clone()
-    finite = torch.isfinite(ft) & _finite_rows(gt)
-    moved = torch.zeros_like(active)
-    moved[sel] = finite
-    theta_new[sel], f_new[sel], g_new[sel] = trial, ft, gt
-    broke = torch.zeros_like(active)
-    broke[sel] = ~finite
-    n_eval = torch.zeros_like(f)
-    n_eval[sel] = 1
-    return theta_new, f_new, g_new, moved, torch.zeros_like(active), n_eval, broke
+class LBFGSRule(_GradientRule):
+    """Per-member L-BFGS with a batched backtracking Armijo line search."""
+
+    def __init__(self, covariance_type, tol: float, lr: Optional[float] = None, chunk_size=None,
+                 history_size: int = HISTORY_SIZE, max_line_search: int = MAX_LINE_SEARCH):
+        super().__init__(covariance_type, tol, DEFAULT_LR["lbfgs"] if lr is None else float(lr), chunk_size)
+        self.history_size, self.max_line_search = history_size, max_line_search
+
+    def start(self, batch: Batch, params: GMMParams) -> Start:
+        theta, f, g, ok = self._begin(batch, params)
+        n, size = theta.shape
+        pairs = torch.zeros(n, self.history_size, size, dtype=theta.dtype, device=theta.device)
+        rho = torch.zeros(n, self.history_size, dtype=theta.dtype, device=theta.device)
+        state = _LBFGSState(theta, f, g, pairs, pairs.clone(), rho, torch.zeros_like(rho, dtype=torch.bool))
+        return Start(state, -f, ok, torch.ones_like(f))
+
+    def step(self, batch: Batch, state: _LBFGSState, active: Tensor) -> Step:
+        """One L-BFGS step for the active members: direction, batched backtracking Armijo search.
+
+        ``moved`` members found a sufficient decrease; ``stalled`` ones found none even by steepest
+        descent (a stationary point to working precision: converged); ``broke`` ones found only
+        non-finite values (failed). A member whose quasi-Newton direction finds no decrease drops
+        its curvature pairs and retries with steepest descent next time.
+        """
+        theta, f, g = state.theta, state.f, state.g
+        d = _direction(state, g)
+        gd = (g * d).sum(-1)
+        not_descent = ~(gd < 0) | ~_finite_rows(d)
+        valid = state.valid & ~not_descent.unsqueeze(-1)
+        fresh = ~valid[:, 0]
+        d = torch.where(not_descent.unsqueeze(-1), -g, d)
+        gd = torch.where(not_descent, -(g * g).sum(-1), gd)
+        gnorm = g.norm(dim=-1)
+        t = torch.where(fresh, torch.clamp(self.lr / gnorm.clamp_min(torch.finfo(g.dtype).tiny), max=self.lr),
+                        torch.ones_like(gd))
+
+        theta_new, f_new, g_new = theta.clone(), f.clone(), g.clone()
+        searching = active.clone()
+        any_finite = torch.zeros_like(active)
+        n_eval = torch.zeros_like(f)
+        for _ in range(self.max_line_search):
+            sel = searching.nonzero().squeeze(-1)
+            if sel.numel() == 0:
+                break
+            trial = theta[sel] + t[sel].unsqueeze(-1) * d[sel]
+            ft, gt = self._evaluate(trial, batch.subset(sel))
+            n_eval[sel] += 1
+            finite = torch.isfinite(ft) & _finite_rows(gt)
+            any_finite[sel] |= finite
+            ok = finite & (ft <= f[sel] + ARMIJO_C1 * t[sel] * gd[sel])
+            acc = sel[ok]
+            theta_new[acc], f_new[acc], g_new[acc] = trial[ok], ft[ok], gt[ok]
+            searching[acc] = False
+            # Backtrack the others: minimizer of the quadratic through f, f'(0) and f(t), kept in
+            # [0.1 t, 0.5 t]; a non-finite trial shrinks by 10.
+            rej = ~ok
+            ts, fs, gds = t[sel][rej], f[sel][rej], gd[sel][rej]
+            curv = ft[rej] - fs - ts * gds
+            quad = -gds * ts.square() / (2 * curv)
+            quad = torch.where(torch.isfinite(quad) & (curv > 0), quad, 0.1 * ts)
+            t[sel[rej]] = torch.minimum(torch.maximum(quad, 0.1 * ts), 0.5 * ts)
+        moved = active & ~searching
+        # Curvature pairs only where s^T y > 0 (kept positive definite without a Wolfe search).
+        s, y = theta_new - theta, g_new - g
+        sy = (s * y).sum(-1)
+        good_pair = moved & (sy > 1e-10 * s.norm(dim=-1) * y.norm(dim=-1)) & (sy > 0)
+        new = _push(state._replace(theta=theta_new, f=f_new, g=g_new, valid=valid), good_pair, s, y)
+        failed_search = active & searching
+        stalled = failed_search & fresh & any_finite
+        broke = failed_search & ~any_finite
+        new = new._replace(valid=new.valid & ~failed_search.unsqueeze(-1))  # retry steepest descent next time
+        # Converged: a small change and a small gain still predicted by the quasi-Newton model.
+        gain = 0.5 * (new.g * _direction(new, new.g)).sum(-1).neg().clamp_min(0.0)
+        settled = moved & ((f_new - f).abs() < self.tol) & (gain < self.tol)
+        return Step(new, -new.f, ~broke, accepted=moved, passes=n_eval, converged=settled | stalled)
+
+
+# -- Adam, per member ------------------------------------------------------------------------------
+class _AdamState(NamedTuple):
+    theta: Tensor  # (S, P)
+    f: Tensor  # (S,) -F
+    g: Tensor  # (S, P)
+    m: Tensor  # (S, P) first moment
+    v: Tensor  # (S, P) second moment
+    t: Tensor  # (S,) steps taken
+
+
+class AdamRule(_GradientRule):
+    """Per-member Adam (one evaluation per step)."""
+
+    betas = (0.9, 0.999)
+    eps = 1e-8
+
+    def __init__(self, covariance_type, tol: float, lr: Optional[float] = None, chunk_size=None):
+        super().__init__(covariance_type, tol, DEFAULT_LR["adam"] if lr is None else float(lr), chunk_size)
+
+    def start(self, batch: Batch, params: GMMParams) -> Start:
+        theta, f, g, ok = self._begin(batch, params)
+        zeros = torch.zeros_like(theta)
+        return Start(_AdamState(theta, f, g, zeros, zeros, torch.zeros_like(f)), -f, ok, torch.ones_like(f))
+
+    def step(self, batch: Batch, state: _AdamState, active: Tensor) -> Step:
+        b1, b2 = self.betas
+        t = state.t + 1
+        m = b1 * state.m + (1 - b1) * state.g
+        v = b2 * state.v + (1 - b2) * state.g.square()
+        m_hat = m / (1 - b1**t).unsqueeze(-1)
+        v_hat = v / (1 - b2**t).unsqueeze(-1)
+        sel = active.nonzero().squeeze(-1)
+        trial = state.theta[sel] - self.lr * m_hat[sel] / (v_hat[sel].sqrt() + self.eps)
+        ft, gt = self._evaluate(trial, batch.subset(sel))
+        theta, f, g = state.theta.clone(), state.f.clone(), state.g.clone()
+        theta[sel], f[sel], g[sel] = trial, ft, gt
+        finite = torch.ones_like(active)
+        finite[sel] = torch.isfinite(ft) & _finite_rows(gt)
+        settled = ((f - state.f).abs() < self.tol) & (0.5 * g.square().sum(-1) < self.tol)
+        return Step(_AdamState(theta, f, g, m, v, t), -f, finite, converged=settled)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import validation
 from .covariance import get_covariance
 from .density import GMMParams, joint_log_prob, log_prob, log_responsibilities
-from .fit import DEFAULT_MEMORY_BUDGET, fit as fit_mixture
+from .fitting import DEFAULT_MEMORY_BUDGET, fit as fit_mixture
 from .init import make_generator
 from .result import FitResult, FitStatus
 from .validation import NotFittedError

@@ -1,9 +1,9 @@
 """The conjugate prior of Fraley & Raftery (2007): MAP estimation by EM, as R's mclust does it.
 
-Owns the prior's hyperparameters per series, the MAP M-step and the log prior density. It reuses
-the covariance registry (scatter, covariance estimate, Cholesky, log-determinant, Mahalanobis
-term) and adds only what is particular to the prior: a small table, one row per covariance type,
-of the posterior-mode constants. No input checking of data here (``fit`` did that); the one place
+Owns the prior's hyperparameters per series, how they augment the sufficient statistics (the MAP
+M-step is then :func:`torchgmm.stats.m_step` itself) and the log prior density. Every per-type
+constant of the table below lives in the covariance registry (``prior_scatter``, ``prior_count``,
+``prior_log_det_coef``, ``prior_scale_shape``). No input checking of data here (``fit`` did that); the one place
 that raises is :func:`make_prior`, for a bad prior specification.
 
 The prior (per series, per component ``k``; mclust's ``priorControl()`` / ``defaultPrior``):
@@ -63,36 +63,6 @@ DEFAULT_SHRINKAGE = 0.01
 PRIOR_KEYS = ("shrinkage", "mean", "dof", "scale")
 
 
-# -- per covariance type: the posterior-mode constants --------------------------------------------
-class _Form(NamedTuple):
-    """How the prior enters one covariance type (see the module's table)."""
-
-    scale_event_dims: int  # scale: (D, D) full/tied, (D,) diag, () spherical
-    per_component: bool  # one covariance per component (False: tied)
-    count: object  # (nk_aug, d) -> multiplier turning the registry's ML covariance into a scatter sum
-    denominator: object  # (nk, dof, d, k) -> denominator of the posterior mode
-    log_det_coef: object  # (dof, d, k) -> coefficient of sum log det U in the log prior
-
-
-_FORMS = {
-    "full": _Form(2, True, lambda nk, d: nk[..., None, None], lambda nk, nu, d, k: (nk + (nu + d + 2)[..., None])[..., None, None],
-                  lambda nu, d, k: nu + d + 2),
-    "tied": _Form(2, False, lambda nk, d: nk.sum(-1)[..., None, None], lambda nk, nu, d, k: (nk.sum(-1) + nu + d + k + 1)[..., None, None],
-                  lambda nu, d, k: nu + d + k + 1),
-    "diag": _Form(1, True, lambda nk, d: nk[..., None], lambda nk, nu, d, k: (nk + (nu + 3)[..., None])[..., None],
-                  lambda nu, d, k: nu + 3),
-    "spherical": _Form(0, True, lambda nk, d: d * nk, lambda nk, nu, d, k: d * nk + (nu + d + 2)[..., None],
-                       lambda nu, d, k: (nu + d + 2) / d),
-}
-
-
-def _form(cov: Covariance) -> _Form:
-    try:
-        return _FORMS[cov.name]
-    except KeyError:
-        raise ValueError(f"the conjugate prior has no form for covariance_type={cov.name!r}; choose one of {sorted(_FORMS)}") from None
-
-
 def _lead(t: Tensor, event_dims: int, n_lead: int) -> Tensor:
     """``t (*L', *event)`` with singleton dims inserted after ``L'`` until it has ``n_lead`` leading
     dims: a per-series ``(B, ...)`` prior broadcasts against ``(B, R, ...)`` restarts."""
@@ -101,19 +71,6 @@ def _lead(t: Tensor, event_dims: int, n_lead: int) -> Tensor:
         return t
     at = t.dim() - event_dims
     return t.reshape(t.shape[:at] + (1,) * missing + t.shape[at:])
-
-
-def _with_components(scale: Tensor, form: _Form) -> Tensor:
-    """``scale`` broadcast against a covariance in the type's shape (a K dim where there is one)."""
-    return scale.unsqueeze(-1 - form.scale_event_dims) if form.per_component else scale
-
-
-def _add_diagonal(covariance: Tensor, value: Tensor, form: _Form) -> Tensor:
-    """``covariance + value * I`` in the type's shape; ``value (*L)``."""
-    value = _with_components(value.reshape(value.shape + (1,) * form.scale_event_dims), form)
-    if form.scale_event_dims == 2:
-        return covariance + value * torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
-    return covariance + value
 
 
 class ConjugatePrior(NamedTuple):
@@ -129,58 +86,48 @@ class ConjugatePrior(NamedTuple):
     dof: Tensor  # (B,)             nu_p
     scale: Tensor  # (B, D, D) | (B, D) | (B,)
 
-    def _aligned(self, n_lead: int, cov: Covariance):
-        form = _form(cov)
+    def _aligned(self, n_lead: int, cov: Covariance, d: int):
+        """The hyperparameters with ``n_lead`` leading dims (restarts broadcast)."""
         return (
-            form,
             _lead(self.shrinkage, 0, n_lead),
             _lead(self.mean, 1, n_lead),
             _lead(self.dof, 0, n_lead),
-            _lead(self.scale, form.scale_event_dims, n_lead),
+            _lead(self.scale, len(cov.prior_scale_shape(d)), n_lead),
         )
 
-    def m_step(
-        self, stats, ref: Tensor, covariance_type: str | Covariance, reg_covar: Tensor
-    ) -> tuple[GMMParams, Tensor]:
-        """The MAP M-step: ``(GMMParams, ok (*L))`` from statistics about ``ref (*L, K, D)``,
-        exactly like :func:`torchgmm.stats.m_step` (``reg_covar (*L)`` is added to every
-        covariance diagonal after the posterior mode)."""
+    def augment(self, stats, ref: Tensor, covariance_type: str | Covariance):
+        """``(augmented Stats, count (*L, K))`` for :func:`torchgmm.stats.m_step`: the data plus
+        ``shrinkage`` pseudo-points at the prior mean, as shifted statistics about
+        ``ref (*L, K, D)``, the prior's scale added to the scatter, and the posterior mode's
+        denominator as the covariance's count."""
         cov = get_covariance(covariance_type)
-        n_lead = stats.nk.dim() - 1
         k, d = ref.shape[-2:]
-        form, kappa, mean_p, dof, scale = self._aligned(n_lead, cov)
-        nk = stats.nk + 10 * torch.finfo(stats.nk.dtype).eps  # (*L, K): as the ML M-step
-        # The data plus `kappa` pseudo-points at the prior mean, as shifted statistics about ref.
-        kappa_k = kappa[..., None].expand_as(nk)  # (*L, K)
-        nk_aug = nk + kappa_k
+        kappa, mean_p, dof, scale = self._aligned(stats.nk.dim() - 1, cov, d)
+        kappa_k = kappa[..., None].expand_as(stats.nk)  # (*L, K)
         to_prior = mean_p.unsqueeze(-2) - ref  # (*L, K, D)
-        sum_diff = stats.sum_diff + kappa_k.unsqueeze(-1) * to_prior
-        scatter = stats.scatter + cov.scatter(to_prior.unsqueeze(-2), kappa_k.unsqueeze(-1))
-        shift = sum_diff / nk_aug.unsqueeze(-1)  # (*L, K, D): new mean - ref
-        ml_cov = cov.covariance(nk_aug, shift, scatter, torch.zeros_like(reg_covar))
-        numerator = form.count(nk_aug, d) * ml_cov + _with_components(scale, form)
-        covariance = numerator / form.denominator(nk, dof, d, k)
-        covariance = _add_diagonal(covariance, reg_covar.expand(covariance.shape[:n_lead]), form)
-        prec_chol, ok = cov.prec_chol_from_covariance(covariance, reg_covar)
-        log_weights = torch.log(nk) - torch.log(nk.sum(-1, keepdim=True))
-        return GMMParams(log_weights, ref + shift, prec_chol), ok
+        augmented = stats._replace(
+            nk=stats.nk + kappa_k,
+            sum_diff=stats.sum_diff + kappa_k.unsqueeze(-1) * to_prior,
+            scatter=stats.scatter + cov.scatter(to_prior.unsqueeze(-2), kappa_k.unsqueeze(-1)) + cov.prior_scatter(scale, k, d),
+        )
+        return augmented, cov.prior_count(stats.nk, dof, d)
 
     def log_prior(self, params: GMMParams, covariance_type: str | Covariance) -> Tensor:
         """Log prior density of ``params`` up to an additive constant, ``(*L,)``; differentiable."""
         cov = get_covariance(covariance_type)
         k, d = params.means.shape[-2:]
         n_lead = params.means.dim() - 2
-        form, kappa, mean_p, dof, scale = self._aligned(n_lead, cov)
+        kappa, mean_p, dof, scale = self._aligned(n_lead, cov, d)
         log_det = cov.log_det(params.prec_chol, d).sum(-1)  # (*L): sum over components (tied: one)
-        precision = cov.precision_from_prec_chol(params.prec_chol)
-        trace = (_with_components(scale, form) * precision).flatten(n_lead).sum(-1)  # tr(scale P) summed
+        precision = cov.scatter_form(cov.precision_from_prec_chol(params.prec_chol), k, d)
+        trace = (cov.prior_scatter(scale, k, d) * precision).flatten(n_lead).sum(-1)  # sum_k tr(scale P_k)
         diff = (params.means - mean_p.unsqueeze(-2)).unsqueeze(-2)  # (*L, K, 1, D)
         maha = cov.mahalanobis(diff, params.prec_chol).squeeze(-1).sum(-1)  # (*L)
-        return form.log_det_coef(dof, d, k) * log_det - 0.5 * trace - 0.5 * kappa * maha
+        return cov.prior_log_det_coef(dof, d, k) * log_det - 0.5 * trace - 0.5 * kappa * maha
 
 
 # -- building the prior from the data ---------------------------------------------------------
-def _default_scale(xs: Tensor, w: Tensor, k: int, form: _Form) -> Tensor:
+def _default_scale(xs: Tensor, w: Tensor, k: int, event_dims: int) -> Tensor:
     """mclust's default scale from the weighted data ``xs (B, N, D)``, ``w (B, N)`` (weights in
     units of points; the variance uses the ``n - 1`` denominator)."""
     d = xs.shape[-1]
@@ -190,11 +137,11 @@ def _default_scale(xs: Tensor, w: Tensor, k: int, form: _Form) -> Tensor:
     denom = torch.where(w_total > 1, w_total - 1, torch.ones_like(w_total))
     var = centred.mT @ centred / denom[:, None, None]  # (B, D, D)
     fac = float(k) ** (-2.0 / d)
-    if form.scale_event_dims == 2:
+    if event_dims == 2:
         diag_only = torch.diag_embed(torch.diagonal(var, dim1=-2, dim2=-1))
         return fac * torch.where((w_total > d)[:, None, None], var, diag_only)  # mclust: diag when n <= p
     avg = torch.diagonal(var, dim1=-2, dim2=-1).mean(-1)  # (B,)
-    return fac * (avg.unsqueeze(-1).expand(-1, d) if form.scale_event_dims == 1 else avg)
+    return fac * (avg.unsqueeze(-1).expand(-1, d) if event_dims == 1 else avg)
 
 
 def _number(spec: Mapping, key: str, low: float, inclusive: bool) -> Optional[float]:
@@ -245,8 +192,8 @@ def make_prior(
     if prior is None:
         return None
     cov = get_covariance(covariance_type)
-    form = _form(cov)
     n_series, _, d = xs.shape
+    event_dims = len(cov.prior_scale_shape(d))
     factory = dict(dtype=xs.dtype, device=xs.device)
     if isinstance(prior, ConjugatePrior):
         return ConjugatePrior(*(t.to(**factory) for t in prior))
@@ -269,7 +216,7 @@ def make_prior(
             "(shift, scale) was not passed to make_prior"
         )
     shrinkage = _number(spec, "shrinkage", 0.0, inclusive=True)
-    dof = _number(spec, "dof", max(d - 1.0, 0.0) if form.scale_event_dims == 2 else 0.0, inclusive=False)
+    dof = _number(spec, "dof", max(d - 1.0, 0.0) if event_dims == 2 else 0.0, inclusive=False)
     ones = torch.ones(n_series, **factory)
     kappa = ones * (DEFAULT_SHRINKAGE if shrinkage is None else shrinkage)
     nu = ones * (d + 2.0 if dof is None else dof)
@@ -280,24 +227,24 @@ def make_prior(
     else:
         mean_p = (w.unsqueeze(-1) * xs).sum(-2) / w_total  # the data mean (~0 after standardizing)
 
-    event = (d, d)[: form.scale_event_dims]
+    event = (d, d)[: event_dims]
     if "scale" in spec:
         value = spec["scale"]
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             value = float(value)
-            if form.scale_event_dims == 2:
+            if event_dims == 2:
                 value = value * torch.eye(d, **factory)
-            elif form.scale_event_dims == 1:
+            elif event_dims == 1:
                 value = torch.full((d,), value, **factory)
         s = _per_series(value, "scale", event, n_series, xs)
-        if form.scale_event_dims == 2:
+        if event_dims == 2:
             symmetric = torch.allclose(s, s.mT, rtol=1e-5, atol=0.0)
             if not symmetric or not bool((torch.linalg.cholesky_ex(s).info == 0).all()):
                 raise ValueError(f"prior['scale'] must be symmetric positive definite for covariance_type={cov.name!r}")
         elif not bool((s > 0).all()):
             raise ValueError(f"prior['scale'] must be positive for covariance_type={cov.name!r}")
         s2 = scale.to(**factory).square()
-        prior_scale = s / s2.reshape(s2.shape + (1,) * form.scale_event_dims)
+        prior_scale = s / s2.reshape(s2.shape + (1,) * event_dims)
     else:
-        prior_scale = _default_scale(xs, w, n_components, form)
+        prior_scale = _default_scale(xs, w, n_components, event_dims)
     return ConjugatePrior(kappa, mean_p, nu, prior_scale)

@@ -1,4 +1,5 @@
-"""What a fit returns: per-series status codes and the :class:`FitResult` record."""
+"""What a fit returns: per-series status codes and the :class:`FitResult` record, and how the
+members of the loop become one result per series (degenerate flags, the restart chosen, status)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .covariance import get_covariance
+from .covariance import Covariance, get_covariance
 from .density import GMMParams
 
-__all__ = ["FitStatus", "FitResult", "FitWarning", "ConvergenceWarning", "DegenerateWarning"]
+__all__ = ["FitStatus", "FitResult", "FitWarning", "ConvergenceWarning", "DegenerateWarning", "DEGENERATE_FACTOR"]
+
+# A component is degenerate when its smallest variance is within this factor of reg_covar.
+DEGENERATE_FACTOR = 10.0
 
 
 class FitWarning(UserWarning):
@@ -69,6 +73,72 @@ class FitResult:
     def batch_shape(self) -> torch.Size:
         return self.lower_bound.shape
 
+    @classmethod
+    def from_members(
+        cls, run, *, n_restarts: int, cov: Covariance, scaling, reg: Tensor, n_valid: Tensor, empty: Tensor,
+        insufficient: Tensor, batch_shape, method: str,
+    ) -> "FitResult":
+        """One result per series from a :class:`torchgmm.loop.MemberRun` of ``B`` series x ``R``
+        restarts (``n_restarts``) in standardized units (``scaling``, ``reg (B,)``): flag degenerate members, keep
+        per series the best non-degenerate, non-failed restart (the best finite one if there is
+        none), convert to data units, set the status, restore the batch shape."""
+        n_series = n_valid.shape[0]
+        params_m = run.params.map(lambda t: t.reshape(n_series, n_restarts, *t.shape[1:]))  # (B, R, ...)
+        k, d = params_m.means.shape[-2:]
+        lb = run.lower_bound.reshape(n_series, n_restarts)  # (B, R)
+        failed = run.failed.reshape(n_series, n_restarts)
+        min_var = cov.min_variance(cov.covariance_from_prec_chol(params_m.prec_chol), k)  # (B, R, K)
+        floor = torch.clamp_min(DEGENERATE_FACTOR * reg, 100 * torch.finfo(lb.dtype).eps)
+        degenerate = min_var <= floor[:, None, None]  # (B, R, K)
+        finite = torch.isfinite(lb)
+        clean = finite & ~degenerate.any(-1) & ~failed
+
+        def best_of(mask):
+            return torch.where(mask, lb, -torch.inf).argmax(-1)
+
+        best = torch.where(clean.any(-1), best_of(clean), best_of(finite))  # (B,)
+        rows = torch.arange(n_series, device=lb.device)
+
+        def pick(t):
+            return t.reshape(n_series, n_restarts, *t.shape[1:])[rows, best]
+
+        params = scaling.to_data(GMMParams(*(pick(t) for t in run.params)), cov)
+        converged, failed_best = pick(run.converged), pick(run.failed)
+        degenerate_best = degenerate[rows, best] & ~empty.unsqueeze(-1)
+        status = torch.full((n_series,), int(FitStatus.OK), dtype=torch.long, device=lb.device)
+        for flag, code in (
+            (~converged, FitStatus.NOT_CONVERGED),
+            (degenerate_best.any(-1), FitStatus.DEGENERATE),
+            (failed_best, FitStatus.DIVERGED),
+            (insufficient, FitStatus.INSUFFICIENT_DATA),
+            (empty, FitStatus.EMPTY),
+        ):
+            status = torch.where(flag, torch.full_like(status, int(code)), status)
+        lower_bound = torch.where(empty, -torch.inf, scaling.log_lik_to_data(pick(run.lower_bound), d))
+        history = torch.where(empty.unsqueeze(-1), torch.nan, scaling.log_lik_to_data(pick(run.history), d))
+
+        def unflatten(t):
+            return t.reshape(tuple(batch_shape) + tuple(t.shape[1:]))
+
+        return cls(
+            params=params.map(unflatten),
+            covariance_type=cov.name,
+            lower_bound=unflatten(lower_bound),
+            lower_bounds=unflatten(history),
+            passes=unflatten(pick(run.passes)),
+            n_iter=unflatten(torch.where(empty, 0, pick(run.n_iter))),
+            converged=unflatten(converged & ~empty & ~failed_best),
+            status=unflatten(status),
+            degenerate_components=unflatten(degenerate_best),
+            n_samples=unflatten(n_valid),
+            restart_lower_bounds=unflatten(scaling.log_lik_to_data(lb, d)),
+            restart_degenerate=unflatten(degenerate.any(-1) & ~empty.unsqueeze(-1)),
+            best_restart=unflatten(best),
+            elapsed=run.elapsed,
+            interrupted=run.interrupted,
+            method=method,
+        )
+
     @property
     def weights(self) -> Tensor:
         return self.params.log_weights.exp()
@@ -123,9 +193,11 @@ class FitResult:
 
     def _few_points_hint(self) -> str:
         k, d = self.params.means.shape[-2:]
-        if self.covariance_type in ("full", "tied") and bool((self.n_samples < k * (d + 1)).any()):
-            return (f" With fewer than D+1={d + 1} points per component a full covariance is singular "
-                    "(only reg_covar keeps it invertible): consider covariance_type='diag'.")
+        needed = get_covariance(self.covariance_type).points_for_full_rank(k, d)
+        if needed is not None and bool((self.n_samples < needed).any()):
+            return (f" With fewer than {needed} points ({self.covariance_type} covariance, K={k}, D={d}) the "
+                    "covariance estimate is singular (only reg_covar keeps it invertible): consider "
+                    "covariance_type='diag'.")
         return ""
 
     def warn(self, stacklevel: int = 3, convergence: bool = True) -> None:

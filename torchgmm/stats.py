@@ -73,17 +73,17 @@ def m_step(
     reference, its covariance is ``reg_covar``, its weight is ~0). ``ok`` is False where a
     covariance was not positive definite even after jitter.
 
-    ``prior`` (a conjugate prior with a ``m_step`` method of this signature, batch ``(*B)``)
-    turns this into the MAP M-step.
+    ``prior`` (a :class:`torchgmm.prior.ConjugatePrior`, batch ``(*B)``) makes this the MAP
+    M-step: the prior augments the statistics (pseudo-points at its mean, its scale added to the
+    scatter) and sets the covariance's denominator; the rest is this same code.
     """
-    if prior is not None:
-        return prior.m_step(stats, ref, covariance_type, reg_covar)
     cov = get_covariance(covariance_type)
     nk = stats.nk + 10 * torch.finfo(stats.nk.dtype).eps  # (*B, K)
-    shift = stats.sum_diff / nk.unsqueeze(-1)  # (*B, K, D)
-    covariance = cov.covariance(nk, shift, stats.scatter, reg_covar)
+    stats, count = (stats._replace(nk=nk), None) if prior is None else prior.augment(stats._replace(nk=nk), ref, cov)
+    shift = stats.sum_diff / stats.nk.unsqueeze(-1)  # (*B, K, D): new mean - ref
+    covariance = cov.covariance(stats.nk, shift, stats.scatter, reg_covar, count)
     prec_chol, ok = cov.prec_chol_from_covariance(covariance, reg_covar)
-    log_weights = torch.log(nk) - torch.log(nk.sum(-1, keepdim=True))
+    log_weights = torch.log(nk) - torch.log(nk.sum(-1, keepdim=True))  # the data's counts, never the prior's
     return GMMParams(log_weights, ref + shift, prec_chol), ok
 
 

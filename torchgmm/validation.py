@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .covariance import COVARIANCE_TYPES
+from .covariance import COVARIANCE_TYPES, get_covariance
 
 __all__ = [
     "check_settings",
@@ -318,8 +318,9 @@ def batched_init(
         ) from None
 
 
-def check_init_values(weights: Optional[Tensor], precisions: Optional[Tensor], covariance_type: str) -> None:
-    """``weights_init`` must be a probability vector and ``precisions_init`` positive definite."""
+def check_init_values(weights: Optional[Tensor], precisions: Optional[Tensor], covariance_type) -> None:
+    """``weights_init`` must be a probability vector and ``precisions_init`` valid for the
+    covariance type (the registry's ``valid_precision``: SPD for full/tied, positive otherwise)."""
     if weights is not None:
         if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
             raise ValueError("weights_init must be finite and non-negative")
@@ -327,11 +328,6 @@ def check_init_values(weights: Optional[Tensor], precisions: Optional[Tensor], c
         if not bool(torch.allclose(total, torch.ones_like(total), atol=1e-6 if weights.dtype == torch.float64 else 1e-4)):
             raise ValueError(f"weights_init must sum to 1 over the components, got sums in [{float(total.min()):.6g}, {float(total.max()):.6g}]")
     if precisions is not None:
-        if covariance_type in ("full", "tied"):
-            sym = torch.allclose(precisions, precisions.mT, rtol=1e-5, atol=1e-8)
-            ok = sym and bool((torch.linalg.cholesky_ex(precisions).info == 0).all())
-        else:
-            ok = bool((precisions > 0).all()) and bool(torch.isfinite(precisions).all())
-        if not ok:
-            what = "symmetric positive definite" if covariance_type in ("full", "tied") else "positive"
-            raise ValueError(f"precisions_init must be {what} for covariance_type={covariance_type!r}")
+        cov = get_covariance(covariance_type)
+        if not cov.valid_precision(precisions):
+            raise ValueError(f"precisions_init must be {cov.precision_constraint} for covariance_type={cov.name!r}")

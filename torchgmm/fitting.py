@@ -1,0 +1,254 @@
+"""One fit, end to end: the functional entry point under the ``GaussianMixture`` module.
+
+``fit`` is orchestration only; each step lives where it belongs::
+
+    validate X, weights, settings           [validation]   fold NaN rows / padding into zero weights
+      -> flatten the batch to (B, N, D)      [prepare]       count positive-weight points per series
+      -> standardize per series              [units]         shift, scale; reg_covar rescaled alike
+      -> plan chunks, blocks, compilation    [plan]
+      -> initialize (B, R, ...) restarts     [init]          or the given / warm-start parameters
+      -> advance every member                [loop + the method's step rule: em, squarem, gradient]
+      -> choose the best restart per series  [result]        degenerate flags, status, data units
+      -> one summarized warning per category
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import validation
+from ._compile import compiled
+from ._ops import even_slices
+from .covariance import Covariance, get_covariance
+from .density import GMMParams
+from .init import INIT_METHODS, initialize, make_generator
+from .loop import Members, run_members
+from .methods import as_method, method_settings
+from .plan import DEFAULT_MEMORY_BUDGET, Plan, check_memory, make_plan
+from .result import FitResult, FitWarning
+from .units import Scaling, standardize
+
+__all__ = ["fit", "prepare", "DEFAULT_MEMORY_BUDGET"]
+
+
+class _Data(NamedTuple):
+    """Validated data, the batch flattened: ``x (B, N, D)``, ``w (B, N)`` in units of points."""
+
+    x: Tensor
+    w: Tensor
+    batch_shape: torch.Size
+    n_valid: Tensor  # (B,) positive-weight points
+    empty: Tensor  # (B,) no positive weight: fitted on a stand-in, reported EMPTY
+    insufficient: Tensor  # (B,) fewer points than components
+
+
+def _first(mask: Tensor, batch_shape) -> str:
+    """`` (first: series (i, j))`` for a flat mask over a batch, empty when unbatched."""
+    if not batch_shape:
+        return ""
+    first = tuple(int(i) for i in torch.unravel_index(mask.nonzero()[0, 0], tuple(batch_shape)))
+    return f" (first: series {first})"
+
+
+def prepare(X, sample_weight, k: int, nan_policy: str = "raise", dtype=None, device=None, n_features=None) -> _Data:
+    """Validated data with the batch flattened, in units of points (see :class:`_Data`)."""
+    x, nan_rows = validation.as_data(X, dtype=dtype, device=device, n_features=n_features, nan_policy=nan_policy, min_samples=2)
+    w = validation.as_sample_weight(sample_weight, x)
+    if nan_rows is not None:
+        w = torch.where(nan_rows, torch.zeros((), dtype=w.dtype, device=w.device), w)
+    batch_shape, (n, d) = x.shape[:-2], x.shape[-2:]
+    x, w = x.reshape(-1, n, d), w.reshape(-1, n)
+    n_valid = (w > 0).sum(-1)  # (B,)
+    empty = n_valid == 0
+    insufficient = (n_valid < k) & ~empty
+    if len(batch_shape) == 0 and bool(empty.any()):
+        raise ValueError("sample_weight is zero everywhere; at least one point needs a positive weight")
+    if len(batch_shape) == 0 and bool(insufficient.any()):
+        raise ValueError(
+            f"n_components={k} must be <= the number of positive-weight samples, n_samples={int(n_valid[0])}; "
+            "reduce n_components or provide more data"
+        )
+    # Empty series are fitted on a harmless stand-in and reported EMPTY; the rest never notice.
+    one, zero = torch.ones((), dtype=x.dtype, device=x.device), torch.zeros((), dtype=x.dtype, device=x.device)
+    w = torch.where(empty.unsqueeze(-1), one, w)
+    x = torch.where(empty[:, None, None], zero, x)
+    w = w * (n_valid.clamp_min(1) / w.sum(-1)).unsqueeze(-1).to(x.dtype)  # weights in units of points
+    return _Data(x, w, batch_shape, n_valid, empty, insufficient)
+
+
+def _scale(data: _Data, reg_covar: float, use_compile: bool, warn: bool, stacklevel: int):
+    """Standardize; refuse a spread whose variance overflows; warn where reg_covar dominates."""
+    x = data.x
+    xs, shift, scale, reg = (compiled(standardize) if use_compile else standardize)(x, data.w, reg_covar)
+    too_big = scale.square() > torch.finfo(x.dtype).max / 16
+    if bool(too_big.any()):
+        raise ValueError(
+            f"X has a spread of {float(scale.max()):.3g}{_first(too_big, data.batch_shape)}, whose variance overflows "
+            f"{x.dtype}; rescale the data" + (" or pass float64 (e.g. X.double())" if x.dtype != torch.float64 else "")
+        )
+    floored = (scale <= math.sqrt(reg_covar)) & ~data.empty if reg_covar > 0 else torch.zeros_like(data.empty)
+    if warn and bool(floored.any()):
+        warnings.warn(
+            f"reg_covar={reg_covar:g} is larger than the data variance of {int(floored.sum())} series"
+            f"{_first(floored, data.batch_shape)}: their covariances will be about reg_covar, not the data's. "
+            "Rescale the data or lower reg_covar",
+            FitWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return xs, Scaling(shift, scale), reg
+
+
+def _given_init(data: _Data, k: int, cov: Covariance, scaling: Scaling, weights_init, means_init, precisions_init) -> dict:
+    """The user's initial parameters in standardized units, ``(B, ...)`` each, by name."""
+    factory = dict(dtype=data.x.dtype, device=data.x.device)
+    n_series, d, batch_shape = data.x.shape[0], data.x.shape[-1], data.batch_shape
+    weights0 = validation.batched_init(weights_init, "weights_init", (k,), batch_shape, **factory)
+    means0 = validation.batched_init(means_init, "means_init", (k, d), batch_shape, **factory)
+    prec0 = validation.batched_init(precisions_init, "precisions_init", cov.covariance_shape(k, d), batch_shape, **factory)
+    validation.check_init_values(weights0, prec0, cov)
+    given = {}
+    if weights0 is not None:
+        given["log_weights"] = torch.log(weights0.reshape(n_series, k))
+    if means0 is not None:
+        given["means"] = (means0.reshape(n_series, k, d) - scaling.shift.unsqueeze(-2)) / scaling.scale[:, None, None]
+    if prec0 is not None:
+        prec_chol = cov.prec_chol_from_precision(prec0.reshape(n_series, *prec0.shape[len(batch_shape):]))
+        given["prec_chol"] = cov.rescale(prec_chol, scaling.scale.reciprocal())
+    return given
+
+
+def _initialize(xs, data: _Data, k, n_init, init_params, cov, reg, random_state, given: dict, plan: Plan,
+                warn: bool, stacklevel: int) -> GMMParams:
+    """``(B, R, ...)`` starting parameters: k-means & co. on blocks of series (every block from the
+    same generator state: the draws are shared by all series anyway, so a block gives what one
+    call on the whole batch would), with the given parameters in place of the drawn ones."""
+    gen = make_generator(random_state)
+    state, parts = gen.get_state(), []
+    for part in even_slices(xs.shape[0], plan.init_block_series):
+        gen.set_state(state)
+        parts.append(initialize(xs[part], data.w[part], k, n_init, init_params, cov, reg[part], gen,
+                                compile=plan.compile, chunk_size=plan.init_chunk))
+    inits, distinct = zip(*parts)
+    init = GMMParams(*(torch.cat(ts) for ts in zip(*inits)))
+    short = ~torch.cat(distinct).all(-1) & ~data.empty
+    if warn and bool(short.any()):
+        warnings.warn(
+            f"{int(short.sum())} series have fewer distinct points than n_components={k}"
+            f"{_first(short, data.batch_shape)}: some components start on the same point (n distinct < K); "
+            "reduce n_components or check for repeated values",
+            FitWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return init._replace(**{name: t.unsqueeze(1).expand_as(getattr(init, name)) for name, t in given.items()})
+
+
+def fit(
+    X,
+    n_components: int = 1,
+    *,
+    covariance_type: str = "full",
+    tol: float = 1e-3,
+    reg_covar: float = 1e-6,
+    max_iter: int = 100,
+    n_init: int = 1,
+    init_params: str = "kmeans",
+    weights_init=None,
+    means_init=None,
+    precisions_init=None,
+    random_state=None,
+    sample_weight=None,
+    nan_policy: str = "raise",
+    dtype: Optional[torch.dtype] = None,
+    device=None,
+    warm_start: Optional[GMMParams] = None,
+    warm_start_lower_bound: Optional[Tensor] = None,
+    n_features: Optional[int] = None,
+    chunk_size: Optional[int] = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    method="em",
+    optimizer: str = "lbfgs",
+    lr: Optional[float] = None,
+    prior=None,
+    compile="auto",
+    prune_after: Optional[int] = None,
+    catch_interrupt: bool = True,
+    progress=None,
+    warn: bool = True,
+) -> FitResult:
+    """Fit independent Gaussian mixtures to every dataset of ``X (*B, N, D)`` at once.
+
+    ``X`` may be ``(N,)`` (one univariate series), ``(N, D)`` or ``(*B, N, D)``; a tensor, numpy
+    array or nested list. ``sample_weight (*B, N)`` is non-negative; zero weight marks padding, so
+    ragged series are one padded tensor. Settings mean what they mean in scikit-learn's
+    ``GaussianMixture``; initial parameters may carry the batch dims or not (broadcast).
+    ``warm_start`` (parameters in data units) replaces the initialization, and
+    ``warm_start_lower_bound (*B,)`` (its lower bound, data units) is what the first iteration's
+    change is measured against, as in scikit-learn. Returns a :class:`FitResult` whose tensors
+    have the batch shape ``(*B)`` in front. ``n_features``: the number of features X must have
+    (a model built for a known D checks it).
+
+    ``method``: ``"em"`` (default), ``"squarem"`` (accelerated EM), ``"gradient"`` (maximum
+    likelihood by ``optimizer`` ``"lbfgs"`` or ``"adam"`` with step size ``lr``, on the same
+    log-density and objective), or a method object (``torchgmm.EM(prune_after=5)``,
+    ``torchgmm.Gradient("adam", lr=0.01)``, ``torchgmm.SQUAREM()``). ``prior``: None, or
+    ``"default"`` for the conjugate prior of Fraley & Raftery (2007) (MAP estimation), or a prior
+    specification accepted by ``torchgmm.prior.make_prior``. ``compile``: fuse the hot loops with
+    ``torch.compile`` (True/False; "auto" compiles when the expected work outweighs the one-off
+    compile time). ``prune_after``: after that many EM iterations only each series' best restart
+    goes on (None runs every restart to convergence, as scikit-learn). ``catch_interrupt``: Ctrl-C
+    stops at an iteration boundary and returns the best-so-far result, flagged not converged, with
+    a warning (False: the KeyboardInterrupt propagates). ``progress(iteration, n_active,
+    mean_objective)`` is called after every iteration.
+    """
+    validation.check_settings(
+        n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
+        max_iter=max_iter, n_init=n_init, init_params=init_params, nan_policy=nan_policy, init_methods=INIT_METHODS,
+        **method_settings(method, optimizer=optimizer, lr=lr, prune_after=prune_after),
+    )
+    method = as_method(method, optimizer=optimizer, lr=lr, prune_after=prune_after)
+    cov, k = get_covariance(covariance_type), n_components
+    data = prepare(X, sample_weight, k, nan_policy, dtype, device, n_features)
+    (n_series, n, d), itemsize, dev = data.x.shape, data.x.element_size(), data.x.device
+    n_restarts = 1 if warm_start is not None or (weights_init is not None and means_init is not None and precisions_init is not None) else n_init
+    plan = make_plan(n_series, n_init, k, n, d, max_iter, itemsize, dev, compile=compile, chunk_size=chunk_size,
+                     memory_budget=memory_budget, blocked=method.blocked, n_restarts=n_restarts)
+    xs, scaling, reg = _scale(data, reg_covar, plan.compile, warn, stacklevel=2)
+    check_memory(n_series * n_init, k, d, cov, itemsize, dev)
+
+    if warm_start is not None:
+        start = GMMParams(*(t.reshape(n_series, *t.shape[len(data.batch_shape):]).to(data.x) for t in warm_start))
+        init = scaling.to_standard(start, cov).map(lambda t: t.unsqueeze(1))
+    else:
+        given = _given_init(data, k, cov, scaling, weights_init, means_init, precisions_init)
+        if len(given) == 3:
+            init = GMMParams(**{name: t.unsqueeze(1) for name, t in given.items()})
+        else:
+            init = _initialize(xs, data, k, n_init, init_params, cov, reg, random_state, given, plan, warn, stacklevel=2)
+    reference = None
+    if warm_start_lower_bound is not None:
+        previous = warm_start_lower_bound.to(data.x).reshape(n_series)
+        reference = scaling.log_lik_to_standard(previous, d).repeat_interleave(init.means.shape[1])
+
+    prior_s = None
+    if prior is not None:
+        from .prior import make_prior  # standardized units, per series
+
+        prior_s = make_prior(prior, xs, data.w, k, cov, shift=scaling.shift, scale=scaling.scale)
+    rule = method.rule(cov, tol, chunk_size=plan.chunk_size, compile=plan.compile, block_members=plan.block_members)
+    with torch.no_grad():
+        run = run_members(
+            Members(xs, data.w, reg, prior_s, init.means.shape[1]), init, rule, tol, max_iter,
+            reference=reference, catch_interrupt=catch_interrupt, progress=progress, **method.loop_options(),
+        )
+    result = FitResult.from_members(
+        run, n_restarts=init.means.shape[1], cov=cov, scaling=scaling, reg=reg, n_valid=data.n_valid, empty=data.empty,
+        insufficient=data.insufficient, batch_shape=data.batch_shape, method=method.name,
+    )
+    if warn:
+        result.warn(stacklevel=3, convergence=max_iter > 0)
+    return result

@@ -1,0 +1,109 @@
+"""Resource planning, in one place: whether to compile, how many points per chunk, how many members
+per block, and whether the fit fits in memory at all.
+
+Pure arithmetic on shapes (and one read of the free memory); no tensors are touched here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from ._compile import should_compile
+from .covariance import Covariance
+
+__all__ = ["Plan", "make_plan", "blocking", "check_memory", "DEFAULT_MEMORY_BUDGET", "BLOCK_BYTES", "MIN_CHUNK"]
+
+# Bytes the E-step's temporaries may use at once; the points are processed in chunks to stay below.
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
+# Bytes of one block of working data ((K, N, D) per member): an iteration, and the initialization,
+# run on blocks of members / chunks of points this size, so that the temporaries stay in cache.
+# Measured on the 2-core CPU against one block: W1 (B=10,000) EM 2x faster compiled, 4x eager;
+# W3 (N=1e6, D=16, K=16) full EM 4.5x faster compiled, diag 1.6x.
+BLOCK_BYTES = 8 << 20
+MIN_CHUNK = 256
+
+
+class Plan(NamedTuple):
+    """How one fit uses the machine."""
+
+    compile: bool  # fuse the hot loops with torch.compile
+    init_chunk: Optional[int]  # points per chunk during the initialization (None: all)
+    init_block_series: int  # series per block during the initialization
+    chunk_size: Optional[int]  # points per chunk during the iterations (None: all)
+    block_members: Optional[int]  # members per block during the iterations (None: one block)
+
+
+def blocking(
+    n_rows: int, n_restarts: int, k: int, n: int, d: int, itemsize: int, budget: int,
+    chunk_size: Optional[int], device: torch.device, blocked: bool = True,
+) -> tuple[Optional[int], int]:
+    """``(chunk_size, block_members)``: points per chunk and members per block for ``n_rows``
+    rows (series) of ``n_restarts`` members each.
+
+    The working data of one member for one point is about ``K x (D + 2)`` numbers (``diff`` and
+    ``(K,)`` temporaries). On the CPU (``blocked``) a block holds whole rows with all their points
+    when a row fits ``min(BLOCK_BYTES, budget)`` (cache-sized), otherwise one row at a time with
+    its points in chunks that fit (by default at least ``MIN_CHUNK``, bounding the per-chunk
+    overhead; a smaller ``budget`` is obeyed). On CUDA, or unblocked, all rows form one block (large
+    launches) and only ``budget`` bounds the chunks. Either way the temporaries are bounded
+    whatever B and N. A given ``chunk_size`` is kept.
+    """
+    if device.type == "cuda" or not blocked:
+        block_bytes, floor, n_restarts = budget, 1, n_rows * n_restarts
+    else:
+        block_bytes = min(BLOCK_BYTES, budget)
+        floor = MIN_CHUNK if block_bytes == BLOCK_BYTES else 1
+    per_point = n_restarts * k * (d + 2) * itemsize  # one block row, one point
+    if chunk_size is None and per_point * n > block_bytes:
+        chunk_size = max(floor, block_bytes // per_point)
+    points = min(n, chunk_size or n)
+    block_members = max(1, block_bytes // (k * (d + 2) * itemsize * points))
+    return (None if chunk_size is None or chunk_size >= n else int(chunk_size)), block_members
+
+
+def make_plan(
+    n_series: int, n_init: int, k: int, n: int, d: int, max_iter: int, itemsize: int, device: torch.device, *,
+    compile="auto", chunk_size: Optional[int] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    blocked: bool = True, n_restarts: Optional[int] = None,
+) -> Plan:
+    """The plan for ``n_series`` series of ``n`` points in ``d`` features, ``k`` components,
+    ``n_init`` initializations and ``n_restarts`` members per series during the iterations
+    (default ``n_init``; 1 when every parameter was given). ``blocked=False``: one block (the
+    gradient mode works on all members at once; its chunks share the budget)."""
+    n_restarts = n_init if n_restarts is None else n_restarts
+    use_compile = should_compile(compile, float(n_series) * n_init * n * k * d * max(max_iter, 1))
+    init_chunk, init_block = blocking(n_series, n_init, k, n, d, itemsize, memory_budget, chunk_size, device)
+    chunk, block = blocking(n_series, n_restarts, k, n, d, itemsize, memory_budget, chunk_size, device, blocked=blocked)
+    return Plan(use_compile, init_chunk, max(1, init_block // n_init), chunk, block)
+
+
+def _available_bytes(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(n_members: int, k: int, d: int, cov: Covariance, itemsize: int, device: torch.device) -> None:
+    """Refuse, before allocating, a fit whose parameters and statistics cannot fit in memory."""
+    per_member = k * (1 + 2 * d) + math.prod(cov.prec_chol_shape(k, d)) + k * d * d
+    # initial, working, updated and output copies of the parameters, and the statistics
+    needed = 6 * n_members * per_member * itemsize
+    available = _available_bytes(device)
+    if available is not None and needed > available:
+        raise MemoryError(
+            f"this fit needs about {needed / 2**30:.1f} GiB for the parameters and statistics of "
+            f"{n_members} fits (series x n_init) with K={k}, D={d}, but {available / 2**30:.1f} GiB "
+            f"are available on {device}; fit fewer series at a time, lower n_init, or use "
+            "covariance_type='diag'"
+        )

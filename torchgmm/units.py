@@ -1,0 +1,78 @@
+"""Units, in one place: the per-series standardization of the data and the conversion of
+parameters and log-likelihoods between data units and the standardized units the core works in.
+
+Every fit works on ``xs = (x - shift) / scale`` per series (one number ``scale`` per series, so
+every covariance type maps back exactly); ``reg_covar`` is rescaled alike. Log-densities differ by
+the Jacobian: ``log p_data(x) = log p_std(xs) - D log(scale)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .covariance import Covariance
+from .density import GMMParams
+
+__all__ = ["standardize", "Scaling"]
+
+
+def standardize(x: Tensor, w: Tensor, reg_covar: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-series centring and scaling of ``x (B, N, D)`` with weights ``w (B, N)``.
+
+    Returns ``(xs, shift (B, D), scale (B,), reg (B,))`` with ``xs = (x - shift) / scale`` (zero
+    where ``w == 0``) and ``reg = reg_covar / scale**2``. ``scale`` is the root mean variance over
+    features (one number, so every covariance type maps back exactly), floored at
+    ``sqrt(reg_covar)`` so that a constant or tiny-scale series never divides by ~0.
+    """
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    valid = w.unsqueeze(-1) > 0  # (B, N, 1); padding may hold anything finite, however large
+    w_total = w.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)  # (B, 1)
+    # Sums of values and squares are taken relative to the largest magnitude, so they cannot
+    # overflow even where x**2 would (|x| > 1.8e19 in float32).
+    big = torch.where(valid, x.abs(), zero).amax((-2, -1)).clamp_min(torch.finfo(x.dtype).tiny)  # (B,)
+    shift = (w.unsqueeze(-1) * torch.where(valid, x / big[:, None, None], zero)).sum(-2) / w_total * big[:, None]  # (B, D)
+    centred = torch.where(valid, x - shift.unsqueeze(-2), zero)
+    spread = centred.abs().amax((-2, -1)).clamp_min(torch.finfo(x.dtype).tiny)  # (B,)
+    var = (w.unsqueeze(-1) * (centred / spread[:, None, None]).square()).sum(-2) / w_total  # (B, D), in spread^2
+    scale = var.mean(-1).sqrt() * spread
+    scale = torch.maximum(scale, torch.full_like(scale, math.sqrt(reg_covar)))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    xs = centred / scale[:, None, None]
+    return xs, shift, scale, reg_covar / scale.square()
+
+
+class Scaling(NamedTuple):
+    """The standardization ``xs = (x - shift) / scale`` of a batch of series."""
+
+    shift: Tensor  # (B, D)
+    scale: Tensor  # (B,)
+
+    def to_standard(self, params: GMMParams, cov: Covariance) -> GMMParams:
+        """Parameters in data units ``(B, ...)`` -> standardized units."""
+        return GMMParams(
+            params.log_weights,
+            (params.means - self.shift.unsqueeze(-2)) / self.scale[:, None, None],
+            cov.rescale(params.prec_chol, self.scale.reciprocal()),
+        )
+
+    def to_data(self, params: GMMParams, cov: Covariance) -> GMMParams:
+        """Standardized parameters ``(B, ...)`` -> data units."""
+        return GMMParams(
+            params.log_weights,
+            self.shift.unsqueeze(-2) + self.scale[:, None, None] * params.means,
+            cov.rescale(params.prec_chol, self.scale),
+        )
+
+    def log_lik_to_data(self, values: Tensor, n_features: int) -> Tensor:
+        """Mean log-likelihoods ``(B, ...)`` in standardized units -> data units."""
+        log_scale = torch.log(self.scale)
+        return values - n_features * log_scale.reshape(log_scale.shape + (1,) * (values.dim() - 1))
+
+    def log_lik_to_standard(self, values: Tensor, n_features: int) -> Tensor:
+        """Mean log-likelihoods ``(B, ...)`` in data units -> standardized units."""
+        log_scale = torch.log(self.scale)
+        return values + n_features * log_scale.reshape(log_scale.shape + (1,) * (values.dim() - 1))
