@@ -10,6 +10,7 @@ from .density import GMMParams, component_log_prob, log_prob, log_responsibiliti
 from .fitting import fit
 from .methods import EM, SQUAREM, Gradient
 from .mixture import GaussianMixture
+from .hmm import GaussianHMM
 from .result import ConvergenceWarning, DegenerateWarning, FitResult, FitStatus, FitWarning
 from .serialization import load
 from .validation import NotFittedError
