@@ -1,0 +1,279 @@
+"""GaussianHMM: parity with hmmlearn, batching, padding, regime recovery, gradients, bad input."""
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import torchgmm
+from torchgmm import FitStatus, GaussianHMM
+from torchgmm.forward_backward import posteriors, viterbi
+
+K, D = 3, 2
+START = np.array([0.5, 0.3, 0.2])
+TRANS = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7]])
+MEANS = np.array([[0.0, 0.0], [2.5, 2.5], [-1.5, 1.5]])
+COVARS = {  # hmmlearn's covars_ shapes
+    "full": np.stack([np.eye(D) + 0.2, 0.8 * np.eye(D), 1.5 * np.eye(D) - 0.3]),
+    "tied": np.eye(D) + 0.3,
+    "diag": np.array([[1.0, 1.2], [0.8, 0.7], [1.5, 1.1]]),
+    "spherical": np.array([1.0, 0.8, 1.5]),
+}
+
+
+def _precisions(ct):
+    c = COVARS[ct]
+    return np.linalg.inv(c) if ct in ("full", "tied") else 1.0 / c
+
+
+def _three_regimes(seed=0, n=40):
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.normal(0, 1, (n, D)), rng.normal(3, 0.7, (n, D)), rng.normal([-2, 2], 1.2, (n, D))])
+
+
+def _sticky_batch(n_series, n_steps, seed=0, stay=0.95, means=(-3.0, 0.0, 3.0), std=1.0):
+    """Univariate sequences from a sticky 3-state HMM: ``(x (B, T, 1), states (B, T))``."""
+    rng = np.random.default_rng(seed)
+    k = len(means)
+    trans = np.full((k, k), (1 - stay) / (k - 1))
+    np.fill_diagonal(trans, stay)
+    z = np.zeros((n_series, n_steps), dtype=np.int64)
+    z[:, 0] = rng.integers(0, k, n_series)
+    cum = trans.cumsum(-1)
+    for t in range(1, n_steps):
+        u = rng.random(n_series)[:, None]
+        z[:, t] = (u > cum[z[:, t - 1]]).sum(-1)
+    x = np.asarray(means)[z] + std * rng.normal(size=z.shape)
+    return torch.tensor(x[..., None]), torch.tensor(z)
+
+
+def _fit(x, lengths=None, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return GaussianHMM(**kw).fit(x, lengths)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# -- parity with hmmlearn ---------------------------------------------------------------------------
+@pytest.mark.parametrize("ct", ["full", "tied", "diag", "spherical"])
+def test_parity_with_hmmlearn(ct):
+    hmm = pytest.importorskip("hmmlearn.hmm")
+    x = _three_regimes()
+    n_iter = 5
+    # No prior: covars_prior=0 with covars_weight=1 and means_weight=0 make hmmlearn's M-step the
+    # maximum-likelihood one; min_covar only enters hmmlearn's own initialization (unused here),
+    # so reg_covar=0 on our side. tol=-inf: exactly n_iter iterations.
+    ref = hmm.GaussianHMM(K, covariance_type=ct, n_iter=n_iter, tol=-np.inf, init_params="", params="stmc",
+                          covars_prior=0.0, covars_weight=1.0, means_weight=0.0, min_covar=0.0)
+    ref.startprob_, ref.transmat_, ref.means_, ref.covars_ = START, TRANS, MEANS, COVARS[ct]
+    ref.fit(x)
+    ours = _fit(torch.tensor(x), n_components=K, covariance_type=ct, tol=0.0, reg_covar=0.0, max_iter=n_iter,
+                startprob_init=START, transmat_init=TRANS, means_init=MEANS, precisions_init=_precisions(ct))
+    ref_covars = ref._covars_[:, 0] if ct == "spherical" else ref._covars_
+    errors = {
+        "startprob": _rel(ours.startprob_, ref.startprob_),
+        "transmat": _rel(ours.transmat_, ref.transmat_),
+        "means": _rel(ours.means_, ref.means_),
+        "covars": _rel(ours.covariances_, ref_covars),
+        "log_lik history": _rel(ours.lower_bounds_ * len(x), ref.monitor_.history),
+        "score": _rel(ours.score(x) * len(x), ref.score(x)),
+    }
+    assert int(ours.n_iter_) == n_iter
+    assert max(errors.values()) < 1e-6, errors
+    # Decoding and smoothing of the fitted model agree too.
+    np.testing.assert_array_equal(ours.predict(x).numpy(), ref.predict(x))
+    np.testing.assert_allclose(ours.predict_proba(x).numpy(), ref.predict_proba(x), atol=1e-9)
+
+
+def test_parity_with_hmmlearn_float32_standardized_is_close():
+    hmm = pytest.importorskip("hmmlearn.hmm")
+    x = _three_regimes() * 1000 + 5e4  # large offset and scale: standardization keeps float32 safe
+    ref = hmm.GaussianHMM(K, covariance_type="diag", n_iter=5, tol=-np.inf, init_params="", params="stmc",
+                          covars_prior=0.0, covars_weight=1.0, means_weight=0.0, min_covar=0.0)
+    covs = COVARS["diag"] * 1e6
+    ref.startprob_, ref.transmat_, ref.means_, ref.covars_ = START, TRANS, MEANS * 1000 + 5e4, covs
+    ref.fit(x)
+    ours = _fit(torch.tensor(x, dtype=torch.float32), n_components=K, covariance_type="diag", tol=0.0, reg_covar=0.0,
+                max_iter=5, startprob_init=START, transmat_init=TRANS, means_init=MEANS * 1000 + 5e4,
+                precisions_init=1 / covs)
+    assert _rel(ours.means_, ref.means_) < 1e-5
+    assert _rel(ours.covariances_, ref._covars_) < 1e-3
+    assert _rel(ours.transmat_, ref.transmat_) < 1e-3
+
+
+# -- batching and padding -------------------------------------------------------------------------------
+@pytest.mark.parametrize("ct", ["full", "diag"])
+def test_batched_equals_one_by_one(ct):
+    xs = torch.stack([torch.tensor(_three_regimes(seed)) for seed in range(4)])  # (4, 120, 2)
+    kw = dict(n_components=K, covariance_type=ct, random_state=0, n_init=2, max_iter=30)
+    batched = _fit(xs, **kw)
+    for b in range(len(xs)):
+        alone = _fit(xs[b], **kw)
+        for name in ("startprob_", "transmat_", "means_", "covariances_", "lower_bound_"):
+            torch.testing.assert_close(getattr(batched, name)[b], getattr(alone, name), rtol=1e-9, atol=1e-9)
+        assert int(batched.n_iter_[b]) == int(alone.n_iter_)
+
+
+def test_ragged_equals_unpadded():
+    seqs = [torch.tensor(_three_regimes(seed, n)) for seed, n in ((0, 40), (1, 25), (2, 33))]
+    n_steps = max(len(s) for s in seqs)
+    padded = torch.full((len(seqs), n_steps, D), float("nan"), dtype=torch.float64)  # padding may hold anything
+    for b, s in enumerate(seqs):
+        padded[b, : len(s)] = s
+    lengths = torch.tensor([len(s) for s in seqs])
+    kw = dict(n_components=K, covariance_type="full", random_state=0, max_iter=40)
+    model = _fit(padded, lengths, **kw)
+    for b, s in enumerate(seqs):
+        alone = _fit(s, **kw)
+        for name in ("startprob_", "transmat_", "means_", "covariances_", "lower_bound_"):
+            torch.testing.assert_close(getattr(model, name)[b], getattr(alone, name), rtol=1e-8, atol=1e-8)
+        n = len(s)
+        torch.testing.assert_close(model.score(padded, lengths)[b], alone.score(s))
+        path = model.predict(padded, lengths)[b]
+        assert bool((path[n:] == -1).all())
+        torch.testing.assert_close(path[:n], alone.predict(s))
+        proba = model.predict_proba(padded, lengths)[b]
+        torch.testing.assert_close(proba[:n], alone.predict_proba(s))
+        assert bool((proba[n:] == 0).all())
+
+
+# -- regime recovery ------------------------------------------------------------------------------------
+def test_recovers_sticky_regimes():
+    x, z = _sticky_batch(200, 200, seed=1)
+    model = _fit(x, n_components=3, covariance_type="diag", random_state=0)
+    path = model.predict(x)
+    acc = torch.stack([(path == torch.tensor(p)[z]).double().mean(-1) for p in itertools.permutations(range(3))]).amax(0)
+    print(f"Viterbi accuracy up to relabelling: mean {float(acc.mean()):.4f}, min {float(acc.min()):.4f}")
+    assert float(acc.mean()) >= 0.9
+    # The mixture on the same points, which ignores time, does worse.
+    gm_path = torchgmm.GaussianMixture(3, covariance_type="diag", random_state=0).fit(x).predict(x)
+    gm_acc = torch.stack([(gm_path == torch.tensor(p)[z]).double().mean(-1) for p in itertools.permutations(range(3))]).amax(0)
+    assert float(acc.mean()) > float(gm_acc.mean())
+
+
+# -- the layer: gradients ------------------------------------------------------------------------------
+def test_forward_gradcheck():
+    x = torch.tensor(_three_regimes(0, 4))[None].repeat(2, 1, 1)  # (2, 12, 2)
+    model = _fit(x, n_components=2, covariance_type="full", random_state=0, max_iter=3)
+    lengths = torch.tensor([12, 9])
+    xin = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda xx: model(xx, lengths), (xin,))
+    names = ("startprob_logits", "transmat_logits", "loc", "prec_chol_raw")
+
+    def ll(*ps):
+        return torch.func.functional_call(model, dict(zip(names, ps)), (x, lengths))
+
+    assert torch.autograd.gradcheck(ll, tuple(getattr(model, n).detach().clone().requires_grad_(True) for n in names))
+
+
+def test_forward_matches_score_and_posteriors_sum_to_one():
+    x, _ = _sticky_batch(5, 60, seed=2)
+    model = _fit(x, n_components=3, covariance_type="spherical", random_state=0)
+    torch.testing.assert_close(model(x).detach() / 60, model.score(x))
+    torch.testing.assert_close(model.predict_proba(x).sum(-1), torch.ones(5, 60, dtype=torch.float64))
+
+
+def test_viterbi_matches_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    log_start = torch.log_softmax(torch.randn(2, generator=gen, dtype=torch.float64), -1)
+    log_trans = torch.log_softmax(torch.randn(2, 2, generator=gen, dtype=torch.float64), -1)
+    log_emit = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    best, best_path, total = -np.inf, None, []
+    for path in itertools.product(range(2), repeat=6):
+        lp = log_start[path[0]] + log_emit[0, path[0]] + sum(
+            log_trans[path[t - 1], path[t]] + log_emit[t, path[t]] for t in range(1, 6))
+        total.append(float(lp))
+        if lp > best:
+            best, best_path = float(lp), path
+    states, log_p = viterbi(log_start, log_trans, log_emit)
+    assert tuple(states.tolist()) == best_path
+    assert abs(float(log_p) - best) < 1e-12
+    post = posteriors(log_start, log_trans, log_emit)
+    assert abs(float(post.log_lik) - float(np.logaddexp.reduce(total))) < 1e-12
+
+
+# -- settings, initial values, restarts ---------------------------------------------------------------
+def test_shapes_attributes_and_sample():
+    x, _ = _sticky_batch(6, 50, seed=3)
+    x = x.reshape(2, 3, 50, 1).float()
+    model = _fit(x, n_components=3, covariance_type="full", random_state=0, n_init=3, max_iter=20)
+    assert model.startprob_.shape == (2, 3, 3) and model.transmat_.shape == (2, 3, 3, 3)
+    assert model.means_.shape == (2, 3, 3, 1) and model.covariances_.shape == (2, 3, 3, 1, 1)
+    assert model.lower_bound_.shape == (2, 3) and model.lower_bounds_.shape == (2, 3, 20)
+    assert model.status_.shape == model.converged_.shape == model.n_iter_.shape == (2, 3)
+    assert model.means_.dtype == torch.float32
+    torch.testing.assert_close(model.transmat_.sum(-1), torch.ones(2, 3, 3))
+    xs, states = model.sample(15, random_state=0)
+    assert xs.shape == (2, 3, 15, 1) and states.shape == (2, 3, 15)
+    assert bool(((states >= 0) & (states < 3)).all())
+    assert model.predict(x).shape == (2, 3, 50) and model.predict_proba(x).shape == (2, 3, 50, 3)
+
+
+def test_max_iter_zero_returns_the_start_and_structural_zeros_stay():
+    x = torch.tensor(_three_regimes())
+    left_right = np.array([[0.9, 0.1, 0.0], [0.0, 0.9, 0.1], [0.0, 0.0, 1.0]])
+    m0 = _fit(x, n_components=3, max_iter=0, transmat_init=left_right, random_state=0)
+    torch.testing.assert_close(m0.transmat_, torch.tensor(left_right))
+    m = _fit(x, n_components=3, transmat_init=left_right, startprob_init=[1.0, 0.0, 0.0], random_state=0)
+    assert bool((m.transmat_[torch.tensor(left_right) == 0] == 0).all())
+    path = m.predict(x)
+    assert bool((path.diff() >= 0).all())  # a left-right model never goes back
+
+
+def test_default_transmat_is_sticky_and_tol_stops():
+    x = torch.tensor(_three_regimes())
+    m0 = _fit(x, n_components=3, max_iter=0, random_state=0)
+    torch.testing.assert_close(m0.transmat_.diagonal(), torch.full((3,), 0.9, dtype=torch.float64))
+    m = _fit(x, n_components=3, random_state=0, tol=1e-3)
+    assert bool(m.converged_) and int(m.status_) == FitStatus.OK and int(m.n_iter_) < 100
+
+
+def test_prior_keeps_a_repeated_run_from_collapsing():
+    rng = np.random.default_rng(0)
+    x = torch.tensor(np.concatenate([rng.normal(0, 1, 30), np.full(20, 5.0), rng.normal(10, 1, 30)]))
+    m = _fit(x, n_components=3, random_state=0)
+    assert int(m.status_) == FitStatus.DEGENERATE  # a state sits on the repeated value
+    mp = _fit(x, n_components=3, random_state=0, prior="default")
+    assert int(mp.status_) in (FitStatus.OK, FitStatus.NOT_CONVERGED)
+
+
+# -- bad input -------------------------------------------------------------------------------------------
+def test_bad_input():
+    x = torch.tensor(_three_regimes())
+    bad = x.clone()
+    bad[5, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        GaussianHMM(3).fit(bad)
+    with pytest.raises(ValueError, match="lengths must be between 1"):
+        GaussianHMM(3).fit(x[None].repeat(2, 1, 1), lengths=[120, 121])
+    with pytest.raises(ValueError, match="lengths must be between 1"):
+        GaussianHMM(3).fit(x[None].repeat(2, 1, 1), lengths=[0, 5])
+    with pytest.raises(ValueError, match="lengths has shape"):
+        GaussianHMM(3).fit(x[None].repeat(2, 1, 1), lengths=[5, 6, 7])
+    with pytest.raises(TypeError, match="integers"):
+        GaussianHMM(3).fit(x[None].repeat(2, 1, 1), lengths=[5.5, 6])
+    with pytest.raises(ValueError, match="n_components=3 must be <="):
+        GaussianHMM(3).fit(x[:2])
+    with pytest.raises(ValueError, match="transmat_init must sum to 1"):
+        GaussianHMM(3, transmat_init=np.ones((3, 3))).fit(x)
+    with pytest.raises(torchgmm.NotFittedError):
+        GaussianHMM(3).predict(x)
+
+
+def test_short_sequence_in_a_batch_is_flagged_not_fatal():
+    seqs = torch.stack([torch.tensor(_three_regimes(s)) for s in range(3)])
+    lengths = torch.tensor([120, 2, 120])  # K=3 > 2 valid steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = GaussianHMM(3, random_state=0).fit(seqs, lengths)
+    assert any(issubclass(w.category, torchgmm.DegenerateWarning) for w in caught)
+    assert int(model.status_[1]) == FitStatus.INSUFFICIENT_DATA
+    alone = _fit(seqs[2], n_components=3, random_state=0)
+    torch.testing.assert_close(model.means_[2], alone.means_)
+    assert bool(torch.isfinite(model.means_).all())
