@@ -6,6 +6,8 @@ test says otherwise, fixed seeds everywhere.
 
 from __future__ import annotations
 
+import contextlib
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +24,7 @@ if str(ROOT) not in sys.path:  # tests run from a checkout without installing th
     sys.path.insert(0, str(ROOT))
 
 import torchgmm  # noqa: E402
-from torchgmm import FitResult  # noqa: E402
+from torchgmm import ConvergenceWarning, DegenerateWarning, FitResult, FitStatus, FitWarning  # noqa: E402
 
 # The tests fit small problems: one thread (torch's and BLAS's, which scikit-learn uses) avoids
 # oversubscription; on two shared cores the default pools made a 5-series fit ~100x slower.
@@ -31,8 +33,8 @@ threadpool_limits(1)
 
 COV_TYPES = ("full", "tied", "diag", "spherical")
 SEED_SERIES_CSV = ROOT / "torchgmm" / "data" / "seed_series.csv"
-# The value the question's series repeats (13 times in torchgmm/data/seed_series.csv; the question says 14),
-# forward-filled: where random initializations collapse.
+# The value the bundled 50-point time series repeats (13 times in torchgmm/data/seed_series.csv;
+# the report that came with the series says 14), forward-filled: where random initializations collapse.
 REPEATED_VALUE = 44.44571429
 
 
@@ -69,7 +71,7 @@ def blobs(seed: int, n: int = 300, d: int = 2, k: int = 3, spread: float = 4.0, 
 
 
 def seed_series() -> np.ndarray:
-    """The question's univariate series, ``(50,)`` float64."""
+    """The bundled 50-point time series on which a hand-written NumPy EM failed (see docs), ``(50,)`` float64."""
     return np.loadtxt(SEED_SERIES_CSV, delimiter=",", skiprows=1, usecols=1)
 
 
@@ -139,6 +141,60 @@ def quiet_fit(*args, **kwargs) -> FitResult:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torchgmm.FitWarning)
         return torchgmm.fit(*args, **kwargs)
+
+
+# -- expected warnings ------------------------------------------------------------------------
+# pyproject.toml turns torchgmm's warnings (FitWarning and its subclasses) into errors, so a test
+# whose fit warns must say so. The messages of the two warnings torchgmm emits before fitting:
+REG_COVAR_ABOVE_VARIANCE = r"reg_covar=\S+ is larger than the data variance"
+FEWER_DISTINCT_POINTS = r"fewer distinct points than n_components"
+
+
+@contextlib.contextmanager
+def warns_each(*expected):
+    """Every ``(category, match)`` in ``expected`` is emitted inside the block (nested
+    ``pytest.warns``); a warning that matches none of them is re-emitted, and fails the test."""
+    with contextlib.ExitStack() as stack:
+        recorders = [stack.enter_context(pytest.warns(category, match=match)) for category, match in expected]
+        yield recorders[-1] if recorders else None
+
+
+def _check_status_warnings(caught, result: FitResult, convergence: bool, allow) -> None:
+    """The fit warnings in ``caught`` are exactly those ``result``'s statuses call for: one
+    ``DegenerateWarning`` iff a series is DEGENERATE or worse, one ``ConvergenceWarning`` iff a
+    series is NOT_CONVERGED (and ``convergence``); other warnings only if they match ``allow``."""
+    status = result.status.reshape(-1)
+    flagged = bool((status >= FitStatus.DEGENERATE).any())
+    unconverged = convergence and bool((status == FitStatus.NOT_CONVERGED).any())
+    degenerate = [w for w in caught if issubclass(w.category, DegenerateWarning)]
+    converging = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert len(degenerate) == int(flagged), f"{len(degenerate)} DegenerateWarning(s) for statuses {result.status_counts()}"
+    assert len(converging) == int(unconverged), f"{len(converging)} ConvergenceWarning(s) for statuses {result.status_counts()}"
+    others = [w for w in caught if w not in degenerate and w not in converging]
+    unexpected = [w for w in others if not any(re.search(pattern, str(w.message)) for pattern in allow)]
+    assert not unexpected, f"unexpected warnings: {[f'{w.category.__name__}: {w.message}' for w in unexpected]}"
+
+
+def status_checked_fit(*args, allow=(), **kwargs) -> FitResult:
+    """``torchgmm.fit`` for a test about something else, whose data decide whether the fit warns
+    (hypothesis examples, loops over seeds): the warnings are not silenced but checked against the
+    statuses returned (see ``_check_status_warnings``); ``allow`` lists regexes of the other
+    warnings this call may emit (``REG_COVAR_ABOVE_VARIANCE``, ``FEWER_DISTINCT_POINTS``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = torchgmm.fit(*args, **kwargs)
+    _check_status_warnings(caught, result, kwargs.get("max_iter", 100) > 0, allow)
+    return result
+
+
+def status_checked_module_fit(model, *args, allow=(), **kwargs):
+    """``model.fit(*args, **kwargs)`` (a ``GaussianMixture``) with its warnings checked as in
+    :func:`status_checked_fit`; returns the model."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(*args, **kwargs)
+    _check_status_warnings(caught, model.result_, model.max_iter > 0, allow)
+    return model
 
 
 @pytest.fixture
