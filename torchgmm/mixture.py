@@ -128,6 +128,11 @@ class GaussianMixture(nn.Module):
         Fuse the hot loops with ``torch.compile`` ("auto": when the work outweighs compiling).
     prune_after : int, optional
         After that many EM iterations only each series' best restart goes on.
+    process_group : None, "world" or torch.distributed.ProcessGroup, default None
+        Data-parallel EM: ``X`` is this rank's shard of the points of the same series; every
+        iteration all-reduces the statistics over the group, so every rank gets the fit of the
+        union (see ``torchgmm.distributed``). The user initializes the group; every rank calls
+        ``fit`` with the same settings.
     n_features : int, optional
         Number of features ``D``, when known before any fit: the parameters are created at
         construction, at a standard start (equal weights, means drawn from N(0, I) with a fixed
@@ -200,6 +205,7 @@ class GaussianMixture(nn.Module):
         catch_interrupt: bool = True,
         compile="auto",
         prune_after: Optional[int] = None,
+        process_group=None,
         n_features: Optional[int] = None,
         batch_shape: Sequence[int] = (),
     ):
@@ -230,6 +236,7 @@ class GaussianMixture(nn.Module):
         self.catch_interrupt = catch_interrupt
         self.compile = compile
         self.prune_after = prune_after
+        self.process_group = process_group
         self.n_features = n_features
         self._init_batch_shape = batch_shape  # ``batch_shape`` is the property of the current parameters
         self.result_: Optional[FitResult] = None
@@ -390,6 +397,10 @@ class GaussianMixture(nn.Module):
         return self
 
     def _fit_result(self, X, sample_weight, warm: Optional[GMMParams]) -> FitResult:
+        if self.process_group is not None:  # X is this rank's shard: torchgmm.distributed
+            from .distributed import shard
+
+            X = shard(X, self.process_group)
         return fit_mixture(
             X,
             self.n_components,
@@ -408,6 +419,8 @@ class GaussianMixture(nn.Module):
             dtype=self.dtype,
             device=self.device,
             warm_start=warm,
+            # scikit-learn measures a warm start's first change against the previous lower bound
+            warm_start_lower_bound=self.lower_bound_ if warm is not None and self.lower_bound_ is not None else None,
             chunk_size=self.chunk_size,
             memory_budget=self.memory_budget,
             method=self.method,
@@ -429,6 +442,17 @@ class GaussianMixture(nn.Module):
         self.lower_bound_ = result.lower_bound
         self.lower_bounds_ = result.lower_bounds
         self.status_ = result.status
+
+    def partial_fit(self, X, sample_weight=None) -> "GaussianMixture":
+        """Online EM on one chunk ``X (*B, n, D)`` seen once: stepwise EM (Cappe & Moulines 2009)
+        with step sizes ``eta_t = (t + t0) ** -alpha`` (defaults ``alpha=0.7``, ``t0=1``; see
+        ``torchgmm.stream.OnlineEM``), every series of the batch at once. The first call (and the
+        first after ``fit``) fits its chunk as ``fit`` does and starts the running statistics;
+        later calls make one update each. ``lower_bound_`` is then the running average of the
+        chunks' mean log-likelihood; the state is ``online_`` (not saved by ``save``)."""
+        from .stream import partial_fit
+
+        return partial_fit(self, X, sample_weight)
 
     def fit_predict(self, X, y=None, sample_weight=None) -> Tensor:
         """``fit(X)`` then ``predict(X)``: labels ``(*B, N)``."""
