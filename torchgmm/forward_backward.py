@@ -12,7 +12,8 @@ variable is 0 (log 1) before them, their posteriors are 0 and they add no transi
 sequence therefore gives the numbers of the unpadded one.
 
 Numerics: never a product of raw probabilities; each step is one ``logsumexp`` over the previous
-state for every member at once (a Python loop over time, ``T`` small batched ops). A parallel
+state for every member at once (a Python loop over time, a few batched ops per step, with the
+members as the contiguous last dim inside, so that small K still vectorizes). A parallel
 (associative) scan over time in the log-semiring is the way to long sequences on CUDA; see
 docs/hmm.md.
 
@@ -29,34 +30,59 @@ from torch import Tensor
 __all__ = ["Posteriors", "forward_log", "log_likelihood", "posteriors", "viterbi"]
 
 
-def _time_major(log_emit: Tensor, valid: Optional[Tensor]):
-    """``log_emit (*L, T, K)`` -> ``(T, *L, K)`` (contiguous slices per step); ``valid`` ->
-    ``(T, *L', 1)`` or None."""
-    e = log_emit.movedim(-2, 0).contiguous()
-    v = None if valid is None else valid.movedim(-1, 0).unsqueeze(-1)
-    return e, v
+def _member_last(log_start: Tensor, log_trans: Tensor, log_emit: Tensor, valid: Optional[Tensor]):
+    """Broadcast the leading dims, flatten them to ``S`` members and put the member dim last, so
+    that every per-step op runs over contiguous members (small K would otherwise make the
+    innermost loop 3 long): ``start (K, S)``, ``trans (K_i, K_j, S)``, ``e (T, K, S)``,
+    ``v (T, 1, S)`` or None, and the leading shape."""
+    k, n_steps = log_emit.shape[-1], log_emit.shape[-2]
+    shapes = [log_start.shape[:-1], log_trans.shape[:-2], log_emit.shape[:-2]]
+    if valid is not None:
+        shapes.append(valid.shape[:-1])
+    lead = torch.broadcast_shapes(*shapes)
+    flat = lambda t, event: t.expand(lead + t.shape[t.dim() - event:]).reshape((-1,) + t.shape[t.dim() - event:])  # noqa: E731
+    start = flat(log_start, 1).mT.contiguous()  # (K, S)
+    trans = flat(log_trans, 2).permute(1, 2, 0).contiguous()  # (K_i, K_j, S)
+    e = flat(log_emit, 2).permute(1, 2, 0).contiguous()  # (T, K, S)
+    v = None if valid is None else flat(valid, 1).mT.unsqueeze(1).contiguous()  # (T, 1, S)
+    return start, trans, e, v, lead, n_steps, k
 
 
-def _forward(log_start: Tensor, log_trans: Tensor, e: Tensor, v: Optional[Tensor]) -> list[Tensor]:
-    """The forward variables ``log p(x_{0..t}, z_t = k)`` as a list of ``T`` tensors ``(*L, K)``
-    (carried unchanged through padding)."""
-    alpha = [log_start + e[0]]
+def _logsumexp(s: Tensor, dim: int) -> Tensor:
+    """``logsumexp`` over ``dim`` for a log-semiring step (the members contiguous); -inf where every
+    term is -inf."""
+    m = s.amax(dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))
+    return (s - m).exp().sum(dim).log() + m.squeeze(dim)
+
+
+def _forward(start: Tensor, trans_t: Tensor, e: Tensor, v: Optional[Tensor]) -> list[Tensor]:
+    """Forward variables ``log p(x_{0..t}, z_t = k)`` as ``T`` tensors ``(K, S)`` (carried unchanged
+    through padding); ``trans_t (K_j, K_i, S)`` is the transposed log transition matrix."""
+    alpha = [start + e[0]]
     for t in range(1, e.shape[0]):
-        new = torch.logsumexp(alpha[-1].unsqueeze(-1) + log_trans, dim=-2) + e[t]
+        new = _logsumexp(alpha[-1].unsqueeze(0) + trans_t, 1) + e[t]
         alpha.append(new if v is None else torch.where(v[t], new, alpha[-1]))
     return alpha
 
 
+def _to_lead(t: Tensor, lead, event: int) -> Tensor:
+    """Member-last ``(*event, S)`` -> ``(*lead, *event)``."""
+    return t.movedim(-1, 0).reshape(tuple(lead) + t.shape[:event])
+
+
 def forward_log(log_start: Tensor, log_trans: Tensor, log_emit: Tensor, valid: Optional[Tensor] = None) -> Tensor:
     """Forward variables ``log p(x_0..x_t, z_t = k)``, ``(*L, T, K)`` (at padding: the last valid one)."""
-    e, v = _time_major(log_emit, valid)
-    return torch.stack(_forward(log_start, log_trans, e, v), dim=-2)
+    start, trans, e, v, lead, _, _ = _member_last(log_start, log_trans, log_emit, valid)
+    alpha = torch.stack(_forward(start, trans.transpose(0, 1), e, v))  # (T, K, S)
+    return _to_lead(alpha, lead, 2)
 
 
 def log_likelihood(log_start: Tensor, log_trans: Tensor, log_emit: Tensor, valid: Optional[Tensor] = None) -> Tensor:
     """``log p(x_0 .. x_{L-1})`` of each sequence, ``(*L,)``; differentiable."""
-    e, v = _time_major(log_emit, valid)
-    return torch.logsumexp(_forward(log_start, log_trans, e, v)[-1], dim=-1)
+    start, trans, e, v, lead, _, _ = _member_last(log_start, log_trans, log_emit, valid)
+    last = _forward(start, trans.transpose(0, 1), e, v)[-1]  # (K, S)
+    return _logsumexp(last, 0).reshape(lead)
 
 
 class Posteriors(NamedTuple):
@@ -68,57 +94,54 @@ class Posteriors(NamedTuple):
 def posteriors(log_start: Tensor, log_trans: Tensor, log_emit: Tensor, valid: Optional[Tensor] = None) -> Posteriors:
     """Forward-backward: the log-likelihood, the smoothed state posteriors and the expected
     transition counts (the E-step of Baum-Welch)."""
-    e, v = _time_major(log_emit, valid)
-    n_steps = e.shape[0]
-    alpha = _forward(log_start, log_trans, e, v)
-    log_lik = torch.logsumexp(alpha[-1], dim=-1)  # (*L,)
+    start, trans, e, v, lead, n_steps, k = _member_last(log_start, log_trans, log_emit, valid)
+    alpha = _forward(start, trans.transpose(0, 1), e, v)
+    log_lik = _logsumexp(alpha[-1], 0)  # (S,)
     zero = torch.zeros((), dtype=e.dtype, device=e.device)
     # beta_t = log p(x_{t+1..} | z_t): 0 at the last step and wherever the next step is padding.
     beta = [torch.zeros_like(alpha[-1])]
     for t in range(n_steps - 2, -1, -1):
-        new = torch.logsumexp(log_trans + (e[t + 1] + beta[-1]).unsqueeze(-2), dim=-1)
+        new = _logsumexp(trans + (e[t + 1] + beta[-1]).unsqueeze(0), 1)
         beta.append(new if v is None else torch.where(v[t + 1], new, zero))
     beta.reverse()
-    a = torch.stack(alpha, dim=-2)  # (*L, T, K)
-    b = torch.stack(beta, dim=-2)
-    ll = log_lik[..., None, None]
-    gamma = torch.exp(a + b - ll)
-    if valid is not None:
-        gamma = gamma * valid.unsqueeze(-1).to(gamma.dtype)
+    a = torch.stack(alpha)  # (T, K, S)
+    b = torch.stack(beta)
+    gamma = torch.exp(a + b - log_lik)
+    if v is not None:
+        gamma = gamma * v.to(gamma.dtype)
     if n_steps > 1:
-        eb = e.movedim(0, -2) + b  # (*L, T, K): log p(x_t | z_t) + beta_t
-        log_xi = a[..., :-1, :, None] + log_trans.unsqueeze(-3) + eb[..., 1:, None, :] - ll.unsqueeze(-1)  # (*L, T-1, K, K)
-        xi = torch.exp(log_xi)
-        if valid is not None:
-            xi = xi * valid[..., 1:, None, None].to(xi.dtype)
-        counts = xi.sum(-3)
+        eb = e[1:] + b[1:]  # (T-1, K_j, S)
+        xi = torch.exp(a[:-1].unsqueeze(2) + trans + eb.unsqueeze(1) - log_lik)  # (T-1, K_i, K_j, S)
+        if v is not None:
+            xi = xi * v[1:].unsqueeze(1).to(xi.dtype)
+        counts = xi.sum(0)  # (K, K, S)
     else:
-        counts = torch.zeros(log_lik.shape + log_trans.shape[-2:], dtype=e.dtype, device=e.device)
-    return Posteriors(log_lik, gamma, counts)
+        counts = torch.zeros((k, k, e.shape[-1]), dtype=e.dtype, device=e.device)
+    return Posteriors(log_lik.reshape(lead), _to_lead(gamma, lead, 2), _to_lead(counts, lead, 2))
 
 
 def viterbi(log_start: Tensor, log_trans: Tensor, log_emit: Tensor, valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The most likely state path ``(*L, T)`` (int64, -1 at padding) and its log-probability ``(*L,)``."""
-    e, v = _time_major(log_emit, valid)
-    n_steps, k = e.shape[0], e.shape[-1]
-    delta = log_start + e[0]
-    identity = torch.arange(k, device=e.device)
+    start, trans, e, v, lead, n_steps, k = _member_last(log_start, log_trans, log_emit, valid)
+    trans_t = trans.transpose(0, 1)  # (K_j, K_i, S)
+    delta = start + e[0]  # (K, S)
+    identity = torch.arange(k, device=e.device).unsqueeze(-1)  # (K, 1)
     pointers = []
     for t in range(1, n_steps):
-        scores = delta.unsqueeze(-1) + log_trans  # (*L, K_prev, K)
-        best, arg = scores.max(dim=-2)
+        best, arg = (delta.unsqueeze(0) + trans_t).max(dim=1)  # over the previous state: (K_j, S)
         new = best + e[t]
         if v is not None:
             new = torch.where(v[t], new, delta)
             arg = torch.where(v[t], arg, identity)
-        delta, pointers = new, pointers + [arg]
-    log_p, state = delta.max(dim=-1)  # the state at the last valid step (carried through padding)
+        delta = new
+        pointers.append(arg)
+    log_p, state = delta.max(dim=0)  # the state at the last valid step (carried through padding): (S,)
     path = [state]
     for arg in reversed(pointers):
-        state = torch.gather(arg, -1, state.unsqueeze(-1)).squeeze(-1)
+        state = torch.gather(arg, 0, state.unsqueeze(0)).squeeze(0)
         path.append(state)
     path.reverse()
-    states = torch.stack(path, dim=-1)
-    if valid is not None:
-        states = torch.where(valid.expand(states.shape), states, torch.full_like(states, -1))
-    return states, log_p
+    states = torch.stack(path, dim=-1)  # (S, T)
+    if v is not None:
+        states = torch.where(v.squeeze(1).mT, states, torch.full_like(states, -1))
+    return states.reshape(tuple(lead) + (n_steps,)), log_p.reshape(lead)
