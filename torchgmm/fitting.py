@@ -205,6 +205,9 @@ def fit(
     a warning (False: the KeyboardInterrupt propagates). ``progress(iteration, n_active,
     mean_objective)`` is called after every iteration.
     """
+    from . import stream as _stream  # X a re-iterable of chunks (or a shard of distributed data): torchgmm.stream
+    if _stream.is_stream(X):
+        return _stream.fit_stream(**{name: value for name, value in locals().items() if name != "_stream"})
     validation.check_settings(
         n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
         max_iter=max_iter, n_init=n_init, init_params=init_params, nan_policy=nan_policy, init_methods=INIT_METHODS,
