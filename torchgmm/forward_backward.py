@@ -44,16 +44,16 @@ def _member_last(log_start: Tensor, log_trans: Tensor, log_emit: Tensor, valid: 
     start = flat(log_start, 1).mT.contiguous()  # (K, S)
     trans = flat(log_trans, 2).permute(1, 2, 0).contiguous()  # (K_i, K_j, S)
     e = flat(log_emit, 2).permute(1, 2, 0).contiguous()  # (T, K, S)
-    v = None if valid is None else flat(valid, 1).mT.unsqueeze(1).contiguous()  # (T, 1, S)
+    # No mask when every step is valid (one check here saves a select per step).
+    v = None if valid is None or bool(valid.all()) else flat(valid, 1).mT.unsqueeze(1).contiguous()  # (T, 1, S)
     return start, trans, e, v, lead, n_steps, k
 
 
 def _logsumexp(s: Tensor, dim: int) -> Tensor:
     """``logsumexp`` over ``dim`` for a log-semiring step (the members contiguous); -inf where every
     term is -inf."""
-    m = s.amax(dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))
-    return (s - m).exp().sum(dim).log() + m.squeeze(dim)
+    m = s.amax(dim, keepdim=True).clamp_min(torch.finfo(s.dtype).min)  # all -inf: s - m stays -inf, not NaN
+    return (s - m).exp_().sum(dim).log_() + m.squeeze(dim)
 
 
 def _forward(start: Tensor, trans_t: Tensor, e: Tensor, v: Optional[Tensor]) -> list[Tensor]:
