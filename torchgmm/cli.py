@@ -41,16 +41,17 @@ class CliError(Exception):
 
 def _describe_univariate(gm: GaussianMixture, index=()) -> str:
     order = gm.means_[index][:, 0].argsort()
+    variances = full_covariances(gm)[index][:, 0, 0]
     rows = [
         f"    weight {float(gm.weights_[index][k]):.3f}  mean {float(gm.means_[index][k, 0]):8.4f}  "
-        f"variance {float(gm.covariances_[index].reshape(-1)[k] if gm.covariance_type != 'tied' else gm.covariances_[index].reshape(-1)[0]):.4g}"
+        f"variance {float(variances[k]):.4g}"
         for k in order.tolist()
     ]
     return "\n".join(rows)
 
 
 def demo(n_series: int = 1000) -> None:
-    """Fit the question's series, then a batch of synthetic series, and say what happened."""
+    """Fit the bundled series (50 points on which a hand-written NumPy EM failed), then a batch of synthetic series, and say what happened."""
     torch.manual_seed(0)
     x = seed_series()
     print("== The question's series (50 points, K=3, default k-means initialization)")
@@ -424,7 +425,7 @@ def fit_table(gm: GaussianMixture, data: SeriesData) -> dict:
     weights = gm.weights_.reshape(b, -1)
     k, d = gm.means_.shape[-2:]
     means = gm.means_.reshape(b, k, d)
-    cov = full_covariances(gm.covariance_type, gm.covariances_, k, d).reshape(b, k, d, d)
+    cov = full_covariances(gm).reshape(b, k, d, d)
     n_comp = getattr(gm, "n_components_", None)
     n_comp = _cpu_list(n_comp.reshape(b)) if isinstance(n_comp, torch.Tensor) else [int(gm.n_components)] * b
     result = getattr(gm, "result_", None)

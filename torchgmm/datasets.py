@@ -1,4 +1,5 @@
-"""Bundled and synthetic data: the question's series and batches of known mixtures."""
+"""Bundled and synthetic data: the bundled 50-point series (a time series on which a hand-written
+NumPy EM failed; see docs/robustness.md) and batches of known mixtures."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import torch
 
 __all__ = ["seed_series", "SyntheticBatch", "synthetic_series"]
 
-# The value the question's series repeats (forward-filled), where unlucky starts collapse.
+# The value the bundled series repeats (forward-filled), where unlucky starts collapse.
 REPEATED_VALUE = 44.44571429
 
 
 def seed_series(dtype=torch.float64) -> torch.Tensor:
-    """The question's univariate series, ``(50,)``: near 24-25, a jump to about 44 with long runs of
+    """The bundled univariate series (on which a hand-written NumPy EM failed), ``(50,)``: near 24-25, a jump to about 44 with long runs of
     one repeated value, and values in between (see the README)."""
     with resources.files("torchgmm").joinpath("data/seed_series.csv").open() as f:
         values = np.loadtxt(f, delimiter=",", skiprows=1, usecols=1)

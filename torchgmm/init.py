@@ -26,7 +26,7 @@ from .covariance import Covariance, get_covariance
 from .density import GMMParams
 from .stats import chunked_sum, m_step, params_from_responsibilities, partition_statistics, point_chunks
 
-__all__ = ["INIT_METHODS", "initialize", "kmeans_plusplus", "kmeans", "make_generator"]
+__all__ = ["INIT_METHODS", "initialize", "kmeans", "make_generator"]
 
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
 
@@ -126,11 +126,6 @@ def _seed_points(x: Tensor, w: Tensor, n_components: int, n_init: int, gen, *, d
         seeds.append(seed)
         distinct_ok &= has_new
     return torch.stack(seeds, dim=-2), distinct_ok
-
-
-def kmeans_plusplus(x: Tensor, w: Tensor, n_components: int, n_init: int, gen) -> Tensor:
-    """k-means++ seeds ``(B, R, K, D)`` (weighted D^2 sampling)."""
-    return _seed_points(x, w, n_components, n_init, gen, d2_weighting=True)[0]
 
 
 def _one_hot(labels: Tensor, n_components: int, dtype) -> Tensor:

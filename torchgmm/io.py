@@ -40,6 +40,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from .covariance import get_covariance
+
 __all__ = [
     "DataError", "SeriesData", "read_series", "write_table", "atomic_path", "check_output_path",
     "full_covariances", "READ_SUFFIXES", "TABLE_SUFFIXES", "TIME_COLUMNS",
@@ -516,15 +518,8 @@ def write_table(path, table: dict) -> None:
 # -- fitted parameters ---------------------------------------------------------------------------
 
 
-def full_covariances(covariance_type: str, covariances: torch.Tensor, k: int, d: int) -> torch.Tensor:
-    """Any covariance type's ``covariances_`` as full matrices ``(*B, K, D, D)``."""
-    if covariance_type == "full":
-        return covariances
-    if covariance_type == "tied":
-        return covariances.unsqueeze(-3).expand(*covariances.shape[:-2], k, d, d)
-    if covariance_type == "diag":
-        return torch.diag_embed(covariances)
-    if covariance_type == "spherical":
-        eye = torch.eye(d, dtype=covariances.dtype, device=covariances.device)
-        return covariances[..., None, None] * eye
-    raise ValueError(f"unknown covariance_type {covariance_type!r}")
+def full_covariances(model) -> torch.Tensor:
+    """A fitted model's covariances as full matrices ``(*B, K, D, D)``, whatever its type (the
+    registry's ``full_covariance``)."""
+    k, d = model.means_.shape[-2:]
+    return get_covariance(model.covariance_type).full_covariance(model.precisions_cholesky_, k, d)

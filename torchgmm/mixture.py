@@ -106,7 +106,7 @@ class GaussianMixture(nn.Module):
         Precision of the fit; default: ``X``'s (float64 stays float64; integers become the
         default dtype; half precision becomes float32).
     nan_policy : {"raise", "omit"}, default "raise"
-        At fit: "omit" turns points with a NaN into zero-weight padding ("mask" is an alias).
+        At fit: "omit" turns points with a NaN into zero-weight padding.
         Prediction and scoring never accept NaN.
     chunk_size : int, optional
         Points per E-step chunk; default: sized from ``memory_budget``.

@@ -75,7 +75,7 @@ class _Batch:
         self.x = np.nan_to_num(self.x)
         self.weights = _as_numpy(model.weights_).reshape(self.b, k)
         self.means = _as_numpy(model.means_).reshape(self.b, k, d)
-        self.cov = _as_numpy(full_covariances(model.covariance_type, model.covariances_, k, d)).reshape(self.b, k, d, d)
+        self.cov = _as_numpy(full_covariances(model)).reshape(self.b, k, d, d)
         result = getattr(model, "result_", None)
         degenerate = getattr(result, "degenerate_components", None)
         self.degenerate = (degenerate.detach().cpu().numpy().reshape(self.b, k) if degenerate is not None

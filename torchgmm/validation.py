@@ -26,8 +26,8 @@ __all__ = [
     "NotFittedError",
 ]
 
-NAN_POLICIES = ("raise", "omit", "mask")  # "mask" is an alias of "omit"
-_OMIT = ("omit", "mask")
+NAN_POLICIES = ("raise", "omit")
+_OMIT = ("omit",)
 METHODS = ("em", "squarem", "gradient")
 OPTIMIZERS = ("lbfgs", "adam")
 
@@ -162,7 +162,7 @@ def as_data(
     """``X`` as a floating tensor ``(*B, N, D)`` (a 1-D ``(N,)`` is one univariate series).
 
     Returns ``(X, nan_rows)`` where ``nan_rows (*B, N)`` marks points with a NaN when
-    ``nan_policy`` is ``"omit"`` (or its alias ``"mask"``; those points are then zeroed: give them
+    ``nan_policy`` is ``"omit"`` (those points are then zeroed: give them
     zero weight), else None. Infinite values are an error under every policy. ``at_predict``:
     ``X`` is to be scored or predicted (``nan_policy`` must then be ``"raise"``); a non-finite
     value is an error whose hint says to remove or impute those points (not to pass a policy).
