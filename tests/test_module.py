@@ -382,3 +382,26 @@ def test_status_names_give_the_fit_status_of_every_series():
     assert isinstance(names, np.ndarray) and names.shape == (2, 2)
     expected = [[torchgmm.FitStatus(int(c)).name for c in row] for row in model.status_.tolist()]
     assert names.tolist() == expected and names[0, 0] == "NOT_CONVERGED"
+
+
+def test_warm_start_one_step_refits_converge_as_scikit_learns_do():
+    """Defect: with warm_start=True, max_iter=1, refitting until converged_ never converged (the
+    first change was measured against -inf). Now it is measured against the previous lower_bound_,
+    as scikit-learn does: both converge on the same refit."""
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 2, dtype=torch.float64, generator=gen)
+    x[:150] += 4
+    ours = torchgmm.GaussianMixture(2, warm_start=True, max_iter=1, random_state=0)
+    theirs = SkGaussianMixture(2, warm_start=True, max_iter=1, random_state=0)
+    refits = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, model, done in (("ours", ours, lambda: bool(ours.converged_)), ("theirs", theirs, lambda: theirs.converged_)):
+            for i in range(1, 30):
+                model.fit(x if name == "ours" else x.numpy())
+                if done():
+                    refits[name] = i
+                    break
+    assert refits.get("ours") == refits.get("theirs") == 2

@@ -1,0 +1,76 @@
+"""torchgmm.init: batched initialization (k-means, k-means++ seeds, random responsibilities, random
+data points), per series independent of its batch neighbours and padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+
+from torchgmm.init import INIT_METHODS, initialize, kmeans, make_generator
+from torchgmm.units import standardize
+
+from test_gradient import clusters
+
+
+def start(x, method, k=3, n_init=2, seed=0, w=None):
+    w = torch.ones(x.shape[:2], dtype=x.dtype) if w is None else w
+    xs, _, _, reg = standardize(x, w, 1e-6)
+    return initialize(xs, w, k, n_init, method, "full", reg, make_generator(seed)), xs, w
+
+
+@pytest.mark.parametrize("method", INIT_METHODS)
+def test_shapes_and_a_valid_mixture_per_restart(method):
+    (params, distinct_ok), _, _ = start(clusters(4, n=60), method, k=3, n_init=5)
+    assert params.log_weights.shape == (4, 5, 3) and params.means.shape == (4, 5, 3, 2)
+    assert params.prec_chol.shape == (4, 5, 3, 2, 2) and distinct_ok.shape == (4, 5)
+    torch.testing.assert_close(params.log_weights.exp().sum(-1), torch.ones(4, 5, dtype=torch.float64))
+    assert all(bool(torch.isfinite(t).all()) for t in params)
+
+
+@pytest.mark.parametrize("method", INIT_METHODS)
+def test_a_series_starts_the_same_alone_as_in_a_batch(method):
+    x = clusters(3, n=80, seed=2)
+    (batched, _), _, _ = start(x, method)
+    (alone, _), _, _ = start(x[1:2], method)
+    for a, b in zip(batched, alone):
+        torch.testing.assert_close(a[1:2], b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "k-means++", "random_from_data"])
+def test_padding_with_zero_weight_changes_no_start(method):
+    x = clusters(1, n=80, seed=3)
+    padded = torch.cat([x, torch.full((1, 20, 2), 1e6, dtype=x.dtype)], 1)
+    w = torch.cat([torch.ones(1, 80), torch.zeros(1, 20)], 1).to(x.dtype)
+    (plain, _), _, _ = start(x, method)
+    (pad, _), _, _ = start(padded, method, w=w)
+    for a, b in zip(plain, pad):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_fewer_distinct_points_than_components_is_reported():
+    x = torch.tensor([[[0.0], [0.0], [1.0], [1.0]] * 5], dtype=torch.float64)  # two distinct values
+    (_, distinct_ok), _, _ = start(x, "kmeans", k=3, n_init=4)
+    assert not bool(distinct_ok.any())
+    (_, ok2), _, _ = start(x, "kmeans", k=2, n_init=4)
+    assert bool(ok2.all())
+
+
+def test_lloyd_iterations_reach_scikit_learns_kmeans_partition_from_the_same_centers():
+    x = clusters(1, n=300, spread=5.0, seed=7)
+    w = torch.ones(1, 300, dtype=x.dtype)
+    centers0 = x[:, [0, 100, 200]].unsqueeze(1)  # (B, R, K, D)
+    labels, centers = kmeans(x, w, centers0, max_iter=100)
+    ref = KMeans(3, init=centers0[0, 0].numpy(), n_init=1, max_iter=100, tol=0, algorithm="lloyd").fit(x[0].numpy())
+    np.testing.assert_array_equal(labels[0, 0].numpy(), ref.labels_)
+    np.testing.assert_allclose(centers[0, 0].numpy(), ref.cluster_centers_, rtol=1e-10, atol=1e-10)
+
+
+def test_the_same_seed_gives_the_same_start_and_another_seed_another():
+    x = clusters(2, n=60, seed=4)
+    (a, _), _, _ = start(x, "k-means++", seed=1)
+    (b, _), _, _ = start(x, "k-means++", seed=1)
+    (c, _), _, _ = start(x, "k-means++", seed=2)
+    torch.testing.assert_close(a.means, b.means, rtol=0, atol=0)
+    assert not torch.equal(a.means, c.means)
