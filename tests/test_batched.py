@@ -257,7 +257,7 @@ def test_fit_in_cache_blocks_equals_one_block(init_params, monkeypatch):
     import sys
 
     x = batch_of_blobs(n_series=7, d=2)
-    settings = dict(n_init=3, random_state=0, init_params=init_params, warn=False, **SETTINGS)
+    settings = dict(n_init=3, random_state=0, init_params=init_params, **SETTINGS)
     one_block = torchgmm.fit(x, 3, **settings)
     monkeypatch.setattr(sys.modules["torchgmm.plan"], "BLOCK_BYTES", 1)  # one series (or member) per block
     many_blocks = torchgmm.fit(x, 3, **settings)
