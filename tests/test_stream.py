@@ -127,6 +127,8 @@ def test_stream_errors():
         torchgmm.fit([x[:50], x[50:].unsqueeze(0)], 2)
     with pytest.raises(ValueError, match=r"\(X, sample_weight\) pairs"):
         torchgmm.fit(list(torch.split(x, 10)), 2, sample_weight=torch.ones(100))
+    with pytest.raises(ValueError, match="model selection"):
+        torchgmm.fit(list(torch.split(x, 10)), [2, 3])
     with pytest.raises(ValueError, match="gradient"):
         torchgmm.fit(list(torch.split(x, 10)), 2, method="gradient")
 

@@ -432,11 +432,11 @@ class StreamEMRule:
         """Statistics of one chunk ``x (L0, L1?, n, D)`` for ``params (L0, ...)``, in blocks."""
         rows, per_row = params.log_weights.shape[0], params.log_weights.shape[1:-1].numel()
         k, (n, d) = params.means.shape[-2], x.shape[-2:]
+        if n == 0:  # an empty shard's zeros
+            return self.stats_fn(x, w, params, self.cov)
         inner, block_members = blocking(rows, per_row, k, n, d, x.element_size(), self.memory_budget,
                                         self.chunk_size, x.device)
         block_rows = max(1, block_members // per_row)
-        if n == 0:
-            return self.stats_fn(x, w, params, self.cov)
         parts = []
         for start in range(0, rows, block_rows):
             part = slice(start, start + block_rows)
@@ -541,6 +541,7 @@ def fit_stream(
     prune_after: Optional[int] = None,
     catch_interrupt: bool = True,
     progress=None,
+    criterion: str = "bic",
     warn: bool = True,
 ) -> FitResult:
     """``torchgmm.fit`` of a stream ``X`` (see the module docstring; ``fit`` calls this for a
@@ -548,7 +549,13 @@ def fit_stream(
     bound the work on each chunk; ``compile="auto"`` stays eager (chunk lengths vary), True
     compiles the E-step. ``method`` is EM or SQUAREM (the gradient mode needs the data in memory).
     A ``Stream`` with a ``process_group`` is one shard of data spread over ranks: every rank calls
-    this with the same settings (``torchgmm.distributed``)."""
+    this with the same settings (``torchgmm.distributed``). A list of ``n_components`` (model
+    selection by ``criterion``) is not supported for streams: fit each K."""
+    if not isinstance(n_components, numbers.Integral) and hasattr(n_components, "__iter__"):
+        raise ValueError(
+            f"n_components={n_components!r}: model selection over several K is not supported for a stream "
+            "(each K would need its own passes); fit each K separately and compare their bic/aic"
+        )
     validation.check_settings(
         n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
         max_iter=max_iter, n_init=n_init, init_params=init_params, nan_policy=nan_policy, init_methods=INIT_METHODS,
