@@ -237,9 +237,11 @@ def test_default_transmat_is_sticky_and_tol_stops():
 def test_prior_keeps_a_repeated_run_from_collapsing():
     rng = np.random.default_rng(0)
     x = torch.tensor(np.concatenate([rng.normal(0, 1, 30), np.full(20, 5.0), rng.normal(10, 1, 30)]))
-    m = _fit(x, n_components=3, random_state=0)
+    start = dict(means_init=[[0.0], [5.0], [10.0]], precisions_init=np.ones((3, 1, 1)))  # independent of the seeding
+    m = _fit(x, n_components=3, random_state=0, **start)
     assert int(m.status_) == FitStatus.DEGENERATE  # a state sits on the repeated value
-    mp = _fit(x, n_components=3, random_state=0, prior="default")
+    assert abs(float(m.means_[1, 0]) - 5.0) < 1e-6
+    mp = _fit(x, n_components=3, random_state=0, prior="default", **start)
     assert int(mp.status_) in (FitStatus.OK, FitStatus.NOT_CONVERGED)
 
 

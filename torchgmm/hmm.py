@@ -21,6 +21,7 @@ the end), which becomes a validity mask: padded steps are absent from every recu
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -190,15 +191,16 @@ def default_transmat(k: int, dtype=None, device=None) -> Tensor:
 @dataclass
 class HMMFit:
     """Result of :func:`fit_hmm`: the emission side and the status as a :class:`FitResult` (its
-    ``params.log_weights`` are the log start probabilities) and the transition matrices."""
+    ``params.log_weights`` are a placeholder, uniform) and the start and transition probabilities."""
 
     result: FitResult
+    log_startprob: Tensor  # (*B, K)
     log_transmat: Tensor  # (*B, K, K)
 
     @property
     def params(self) -> HMMParams:
         p = self.result.params
-        return HMMParams(p.log_weights, self.log_transmat, p.means, p.prec_chol)
+        return HMMParams(self.log_startprob, self.log_transmat, p.means, p.prec_chol)
 
 
 def fit_hmm(
@@ -274,16 +276,20 @@ def fit_hmm(
     with torch.no_grad():
         run = run_members(Members(xs, w, reg, prior_s, n_restarts), init, HMMRule(cov), tol, max_iter,
                           catch_interrupt=catch_interrupt, progress=progress)
-    emission_run = run._replace(params=GMMParams(run.params.log_startprob, run.params.means, run.params.prec_chol))
+    # The restart choice, degenerate flags, status and units are the mixture's, on the emissions;
+    # the weight slot holds a neutral uniform (start probabilities may be exactly 0: -inf).
+    uniform = torch.full_like(run.params.log_startprob, -math.log(k))
+    emission_run = run._replace(params=GMMParams(uniform, run.params.means, run.params.prec_chol))
     result = FitResult.from_members(
         emission_run, n_restarts=n_restarts, cov=cov, scaling=scaling, reg=reg, n_valid=lens,
         empty=torch.zeros_like(insufficient), insufficient=insufficient, batch_shape=batch_shape, method="em",
     )
-    rows = torch.arange(n_series, device=x.device)
-    log_trans = run.params.log_transmat.reshape(n_series, n_restarts, k, k)[rows, result.best_restart.reshape(-1)]
+    rows, best = torch.arange(n_series, device=x.device), result.best_restart.reshape(-1)
+    log_start = run.params.log_startprob.reshape(n_series, n_restarts, k)[rows, best]
+    log_trans = run.params.log_transmat.reshape(n_series, n_restarts, k, k)[rows, best]
     if warn:
         result.warn(stacklevel=3, convergence=max_iter > 0)
-    return HMMFit(result, log_trans.reshape(tuple(batch_shape) + (k, k)))
+    return HMMFit(result, log_start.reshape(tuple(batch_shape) + (k,)), log_trans.reshape(tuple(batch_shape) + (k, k)))
 
 
 # -- the module ---------------------------------------------------------------------------------------
