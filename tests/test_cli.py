@@ -282,7 +282,7 @@ def test_no_arguments_runs_the_demo(monkeypatch, capsys):
 def test_demo_output_starts_as_the_readme_quotes_it(capsys):
     cli.demo(n_series=8)
     out = capsys.readouterr().out
-    assert out.startswith("== The question's series (50 points, K=3, default k-means initialization)\n")
+    assert out.startswith("== The bundled series (50 points on which a hand-written NumPy EM failed; K=3, default k-means initialization)\n")
     assert "mean log-likelihood -2.1237 per point; status OK" in out
 
 

@@ -54,7 +54,7 @@ def demo(n_series: int = 1000) -> None:
     """Fit the bundled series (50 points on which a hand-written NumPy EM failed), then a batch of synthetic series, and say what happened."""
     torch.manual_seed(0)
     x = seed_series()
-    print("== The question's series (50 points, K=3, default k-means initialization)")
+    print("== The bundled series (50 points on which a hand-written NumPy EM failed; K=3, default k-means initialization)")
     gm = GaussianMixture(3, random_state=0, tol=1e-6).fit(x)
     print(_describe_univariate(gm))
     print(f"    mean log-likelihood {float(gm.lower_bound_):.4f} per point; status {FitStatus(int(gm.status_)).name}")

@@ -104,6 +104,7 @@ class Covariance:
 
     name: str = ""
     precision_constraint: str = "positive"  # what valid_precision asks of a precision, for messages
+    component_axis: Optional[int] = None  # the axis of prec_chol that indexes components (None: shared)
 
     # -- shapes and counting -------------------------------------------------------------
     def prec_chol_shape(self, n_components: int, n_features: int) -> tuple[int, ...]:
@@ -224,6 +225,7 @@ class Covariance:
 
 class Full(Covariance):
     name = "full"
+    component_axis = -3
     precision_constraint = "symmetric positive definite"
 
     def prec_chol_shape(self, n_components, n_features):
@@ -301,6 +303,7 @@ class Full(Covariance):
 
 class Tied(Full):
     name = "tied"
+    component_axis = None
 
     def prec_chol_shape(self, n_components, n_features):
         return (n_features, n_features)
@@ -349,6 +352,7 @@ class Tied(Full):
 
 class Diag(Covariance):
     name = "diag"
+    component_axis = -2
 
     def prec_chol_shape(self, n_components, n_features):
         return (n_components, n_features)
@@ -403,6 +407,7 @@ class Diag(Covariance):
 
 class Spherical(Diag):
     name = "spherical"
+    component_axis = -1
 
     def prec_chol_shape(self, n_components, n_features):
         return (n_components,)

@@ -46,6 +46,9 @@ def em_step(
     e_params = penalized_params(params, cov, reg_covar) if penalized else params
     stats = chunked_sum(lambda xc, wc: stats_fn(xc, wc, e_params, cov), x, w, chunk_size)
     new, ok = m_step(stats, params.means, cov, reg_covar, prior)
+    # A component of weight exactly 0 (masked: a model with fewer components) stays at weight 0;
+    # only the M-step's guard against empty components would give it a tiny one.
+    new = new._replace(log_weights=torch.where(torch.isneginf(params.log_weights), params.log_weights, new.log_weights))
     return new, stats.log_lik / w_total, ok
 
 

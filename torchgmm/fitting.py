@@ -147,9 +147,64 @@ def _initialize(xs, data: _Data, k, n_init, init_params, cov, reg, random_state,
     return init._replace(**{name: t.unsqueeze(1).expand_as(getattr(init, name)) for name, t in given.items()})
 
 
+CRITERIA = ("bic", "aic")
+
+
+def _candidates(n_components) -> Optional[tuple]:
+    """The candidate numbers of components of a model selection (sorted, unique), or None for an
+    int ``n_components``."""
+    if isinstance(n_components, (int, torch.SymInt)) or not hasattr(n_components, "__iter__"):
+        return None
+    values = list(n_components)
+    if not values or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in values):
+        raise ValueError(f"n_components={n_components!r} must be a positive int or a non-empty list of positive ints")
+    return tuple(sorted(set(values)))
+
+
+def _pad_components(params: GMMParams, k: int, cov: Covariance) -> GMMParams:
+    """``params (B, R, ...)`` with components appended up to ``k``, masked: weight exactly 0 (log
+    -inf), a copy of the first component's mean and precision factor (finite placeholders)."""
+    extra = k - params.means.shape[-2]
+    if extra == 0:
+        return params
+
+    def repeat_first(t, axis):
+        return torch.cat([t, t.narrow(axis, 0, 1).expand(*t.shape[:t.dim() + axis], extra, *t.shape[t.dim() + axis + 1:])], axis)
+
+    log_weights = torch.cat([params.log_weights, params.log_weights.new_full((*params.log_weights.shape[:-1], extra), -torch.inf)], -1)
+    prec_chol = params.prec_chol if cov.component_axis is None else repeat_first(params.prec_chol, cov.component_axis)
+    return GMMParams(log_weights, repeat_first(params.means, -2), prec_chol)
+
+
+def _criterion(name: str, mean_log_lik: Tensor, n_points: Tensor, n_parameters: Tensor) -> Tensor:
+    """BIC or AIC from mean log-likelihoods per point, the points and the free parameters."""
+    deviance = -2 * mean_log_lik * n_points
+    return deviance + n_parameters * (torch.log(n_points) if name == "bic" else 2.0)
+
+
+def _candidate_criteria(run, xs, data: _Data, candidates, n_restarts, cov, scaling: Scaling, criterion: str,
+                        plan: Plan) -> Tensor:
+    """The criterion of every member's final parameters, ``(B, C, R)`` (+inf where a candidate has
+    more components than the series has points, or where the member failed)."""
+    from .em import log_likelihood
+
+    n_series, d = xs.shape[0], xs.shape[-1]
+    params = run.params.map(lambda t: t.reshape(n_series, n_restarts, *t.shape[1:]))
+    with torch.no_grad():
+        ll = log_likelihood(xs.unsqueeze(1), data.w.unsqueeze(1), data.w.sum(-1, keepdim=True), params, cov,
+                            plan.chunk_size)  # (B, C*R), standardized units
+    ll = scaling.log_lik_to_data(ll, d).reshape(n_series, len(candidates), -1)
+    ks = torch.tensor(candidates, device=xs.device)
+    n_params = torch.tensor([cov.n_parameters(c, d) for c in candidates], dtype=xs.dtype, device=xs.device)
+    n_points = data.n_valid.to(xs.dtype)[:, None, None]
+    crit = _criterion(criterion, ll, n_points, n_params[:, None])
+    usable = (ks[:, None] <= data.n_valid[:, None, None]) & ~run.failed.reshape(ll.shape) & torch.isfinite(crit)
+    return torch.where(usable, crit, torch.inf)
+
+
 def fit(
     X,
-    n_components: int = 1,
+    n_components=1,
     *,
     covariance_type: str = "full",
     tol: float = 1e-3,
@@ -178,6 +233,7 @@ def fit(
     prune_after: Optional[int] = None,
     catch_interrupt: bool = True,
     progress=None,
+    criterion: str = "bic",
     warn: bool = True,
 ) -> FitResult:
     """Fit independent Gaussian mixtures to every dataset of ``X (*B, N, D)`` at once.
@@ -208,6 +264,18 @@ def fit(
     from . import stream as _stream  # X a re-iterable of chunks (or a shard of distributed data): torchgmm.stream
     if _stream.is_stream(X):
         return _stream.fit_stream(**{name: value for name, value in locals().items() if name != "_stream"})
+    candidates = _candidates(n_components)
+    if candidates is not None:
+        n_components = max(candidates)
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion={criterion!r} is not supported; choose one of {list(CRITERIA)}")
+        given = [name for name, v in (("weights_init", weights_init), ("means_init", means_init),
+                                      ("precisions_init", precisions_init), ("warm_start", warm_start)) if v is not None]
+        if given or (method != "em" and not isinstance(method, type(as_method("em")))):
+            raise ValueError(
+                f"a list of n_components (model selection) is fitted by EM from its own initializations; "
+                f"{(given or ['method=' + repr(method)])[0]} cannot be combined with it: fit each K separately"
+            )
     validation.check_settings(
         n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
         max_iter=max_iter, n_init=n_init, init_params=init_params, nan_policy=nan_policy, init_methods=INIT_METHODS,
@@ -215,7 +283,7 @@ def fit(
     )
     method = as_method(method, optimizer=optimizer, lr=lr, prune_after=prune_after)
     cov, k = get_covariance(covariance_type), n_components
-    data = prepare(X, sample_weight, k, nan_policy, dtype, device, n_features)
+    data = prepare(X, sample_weight, min(candidates) if candidates else k, nan_policy, dtype, device, n_features)
     (n_series, n, d), itemsize, dev = data.x.shape, data.x.element_size(), data.x.device
     n_restarts = 1 if warm_start is not None or (weights_init is not None and means_init is not None and precisions_init is not None) else n_init
     plan = make_plan(n_series, n_init, k, n, d, max_iter, itemsize, dev, compile=compile, chunk_size=chunk_size,
@@ -230,6 +298,10 @@ def fit(
         given = _given_init(data, k, cov, scaling, weights_init, means_init, precisions_init)
         if len(given) == 3:
             init = GMMParams(**{name: t.unsqueeze(1) for name, t in given.items()})
+        elif candidates is not None:  # (B, C * R, ...): every candidate's restarts, padded to K
+            starts = [_pad_components(_initialize(xs, data, c, n_init, init_params, cov, reg, random_state, {}, plan,
+                                                  warn, stacklevel=2), k, cov) for c in candidates]
+            init = GMMParams(*(torch.cat(ts, 1) for ts in zip(*starts)))
         else:
             init = _initialize(xs, data, k, n_init, init_params, cov, reg, random_state, given, plan, warn, stacklevel=2)
     reference = None
@@ -248,10 +320,21 @@ def fit(
             Members(xs, data.w, reg, prior_s, init.means.shape[1]), init, rule, tol, max_iter,
             reference=reference, catch_interrupt=catch_interrupt, progress=progress, **method.loop_options(),
         )
+    n_restarts = init.means.shape[1]
+    score, chosen = None, {}
+    if candidates is not None:
+        crit = _candidate_criteria(run, xs, data, candidates, n_restarts, cov, scaling, criterion, plan)  # (B, C, R)
+        score = -crit.flatten(1)
+        best = crit.amin(-1)  # (B, C)
+        chosen = {"criterion": best, "n_components": torch.tensor(candidates, device=dev)[best.argmin(-1)]}
     result = FitResult.from_members(
-        run, n_restarts=init.means.shape[1], cov=cov, scaling=scaling, reg=reg, n_valid=data.n_valid, empty=data.empty,
-        insufficient=data.insufficient, batch_shape=data.batch_shape, method=method.name,
+        run, n_restarts=n_restarts, cov=cov, scaling=scaling, reg=reg, n_valid=data.n_valid, empty=data.empty,
+        insufficient=data.insufficient, batch_shape=data.batch_shape, method=method.name, score=score,
     )
+    if candidates is not None:
+        result.criterion = chosen["criterion"].reshape(*data.batch_shape, len(candidates))
+        k_best = torch.tensor(candidates, device=dev)[result.best_restart.reshape(-1) // n_init]
+        result.n_components = k_best.reshape(data.batch_shape)
     if warn:
         result.warn(stacklevel=3, convergence=max_iter > 0)
     return result

@@ -56,10 +56,12 @@ def tree_where(mask: Tensor, a, b):
 
 
 def all_finite(params: GMMParams, n_lead: int = 1) -> Tensor:
-    """Whether every number of each member's parameters is finite, shape of the leading dims."""
+    """Whether every number of each member's parameters is finite (a log-weight may be -inf: a
+    masked component), shape of the leading dims."""
     ok = None
-    for t in params:
-        fin = torch.isfinite(t).flatten(n_lead).all(-1) if t.dim() > n_lead else torch.isfinite(t)
+    for name, t in zip(params._fields, params):
+        finite = torch.isfinite(t) | torch.isneginf(t) if name == "log_weights" else torch.isfinite(t)
+        fin = finite.flatten(n_lead).all(-1) if t.dim() > n_lead else finite
         ok = fin if ok is None else ok & fin
     return ok
 

@@ -31,7 +31,7 @@ __all__ = ["GaussianMixture"]
 
 _PARAMETERS = ("weight_logits", "loc", "prec_chol_raw")
 # Fitted state saved and restored with the parameters (state_dict, save / load): tensors or None.
-_BUFFERS = ("converged_", "n_iter_", "lower_bound_", "lower_bounds_", "status_")
+_BUFFERS = ("converged_", "n_iter_", "lower_bound_", "lower_bounds_", "status_", "n_components_", "criterion_")
 
 # Seed of the standard start of a module built with ``n_features`` (means drawn from N(0, I)).
 _LAYER_SEED = 0
@@ -74,8 +74,11 @@ class GaussianMixture(nn.Module):
 
     Parameters
     ----------
-    n_components : int, default 1
-        Number of mixture components ``K``.
+    n_components : int or list of int, default 1
+        Number of mixture components ``K``; or a list of candidates (e.g. ``[1, 2, 3, 4, 5]``):
+        every candidate of every series is fitted in one batched run and each series keeps the
+        one with the lowest ``criterion`` (``n_components_``); the parameters are padded to the
+        largest candidate with components of weight exactly 0, which are never predicted.
     covariance_type : {"full", "tied", "diag", "spherical"}, default "full"
         Form of the covariances: one ``(D, D)`` matrix per component, one shared by all
         components, one diagonal per component, one variance per component.
@@ -128,6 +131,8 @@ class GaussianMixture(nn.Module):
         Fuse the hot loops with ``torch.compile`` ("auto": when the work outweighs compiling).
     prune_after : int, optional
         After that many EM iterations only each series' best restart goes on.
+    criterion : {"bic", "aic"}, default "bic"
+        How a list of ``n_components`` candidates is decided per series (lower is better).
     process_group : None, "world" or torch.distributed.ProcessGroup, default None
         Data-parallel EM: ``X`` is this rank's shard of the points of the same series; every
         iteration all-reduces the statistics over the group, so every rank gets the fit of the
@@ -156,6 +161,10 @@ class GaussianMixture(nn.Module):
         Mean log-likelihood per point (scikit-learn's ``lower_bound_``) of the chosen restart.
     lower_bounds_ : Tensor (*B, max_iter)
         Its per-iteration history, NaN-padded.
+    n_components_ : Tensor (*B,) int64
+        The number of components of each series' model (its chosen K with a list of candidates).
+    criterion_ : Tensor (*B, C), or None
+        With a list of ``n_components``: the criterion of each candidate's best restart.
     status_ : Tensor (*B,) int64
         The outcome of each series' fit as :class:`torchgmm.FitStatus` codes (0 ``OK``,
         1 ``NOT_CONVERGED``, 2 ``DEGENERATE``, 3 ``DIVERGED``, 4 ``INSUFFICIENT_DATA``,
@@ -205,6 +214,7 @@ class GaussianMixture(nn.Module):
         catch_interrupt: bool = True,
         compile="auto",
         prune_after: Optional[int] = None,
+        criterion: str = "bic",
         process_group=None,
         n_features: Optional[int] = None,
         batch_shape: Sequence[int] = (),
@@ -236,6 +246,7 @@ class GaussianMixture(nn.Module):
         self.catch_interrupt = catch_interrupt
         self.compile = compile
         self.prune_after = prune_after
+        self.criterion = criterion
         self.process_group = process_group
         self.n_features = n_features
         self._init_batch_shape = batch_shape  # ``batch_shape`` is the property of the current parameters
@@ -364,7 +375,8 @@ class GaussianMixture(nn.Module):
         if loc is not None and raw is not None:
             k, d = loc.shape[-2:]
             expected = tuple(loc.shape[:-2]) + self._cov.prec_chol_shape(k, d)
-            if k != self.n_components or tuple(raw.shape) != expected:
+            k_model = max(self.n_components) if isinstance(self.n_components, (list, tuple, range)) else self.n_components
+            if k != k_model or tuple(raw.shape) != expected:
                 raise ValueError(
                     f"state_dict holds {k} components of dimension {d} with precision factor shape "
                     f"{tuple(raw.shape)}, which does not fit GaussianMixture(n_components={self.n_components}, "
@@ -430,6 +442,7 @@ class GaussianMixture(nn.Module):
             catch_interrupt=self.catch_interrupt,
             compile=self.compile,
             prune_after=self.prune_after,
+            criterion=self.criterion,
             n_features=self.n_features,
             warn=True,
         )
@@ -442,6 +455,10 @@ class GaussianMixture(nn.Module):
         self.lower_bound_ = result.lower_bound
         self.lower_bounds_ = result.lower_bounds
         self.status_ = result.status
+        k = result.params.means.shape[-2]
+        self.n_components_ = (torch.full_like(result.n_iter, k) if result.n_components is None
+                              else result.n_components)  # (*B,) the chosen K of each series
+        self.criterion_ = result.criterion  # (*B, n_candidates) with a list of n_components, else None
 
     def partial_fit(self, X, sample_weight=None) -> "GaussianMixture":
         """Online EM on one chunk ``X (*B, n, D)`` seen once: stepwise EM (Cappe & Moulines 2009)
@@ -516,9 +533,15 @@ class GaussianMixture(nn.Module):
         with torch.no_grad():
             return joint_log_prob(self._validated(X), self._detached(), self._cov).argmax(-2)
 
-    def _n_parameters(self) -> int:
+    def _n_parameters(self):
+        """Free parameters: an int, or ``(*B,)`` per series' chosen K after a model selection."""
         k, d = self.loc.shape[-2:]
-        return self._cov.n_parameters(k, d)
+        chosen = self.n_components_
+        if chosen is None or bool((chosen == k).all()):
+            return self._cov.n_parameters(k, d)
+        counts = torch.tensor([self._cov.n_parameters(max(j, 1), d) for j in range(k + 1)], dtype=self.loc.dtype,
+                              device=self.loc.device)
+        return counts[chosen]
 
     def _fit_and_count(self, X, sample_weight) -> tuple[Tensor, Tensor]:
         """``(-2 * total log-likelihood, positive-weight points)`` per dataset, for BIC and AIC."""

@@ -82,8 +82,9 @@ class _Batch:
                            else np.zeros((self.b, k), dtype=bool))
         status = getattr(model, "status_", None)
         self.status = status.detach().cpu().numpy().reshape(self.b) if status is not None else None
-        chosen = getattr(model, "n_components_", None)
-        self.chosen = (chosen.detach().cpu().numpy().reshape(self.b) if isinstance(chosen, torch.Tensor) else None)
+        chosen = getattr(model, "n_components_", None)  # a chosen K is news only after a model selection
+        selected = getattr(model, "criterion_", None) is not None
+        self.chosen = chosen.detach().cpu().numpy().reshape(self.b) if selected and isinstance(chosen, torch.Tensor) else None
         self.names = [str(n) for n in names] if names is not None else None
         if self.names is not None and len(self.names) != self.b:
             raise ValueError(f"names has {len(self.names)} entries for {self.b} series")

@@ -7,6 +7,7 @@ import enum
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 import torch
 from torch import Tensor
 
@@ -68,6 +69,8 @@ class FitResult:
     elapsed: Tensor  # (T,) seconds since the start, at the end of each iteration (whole batch)
     interrupted: bool = False
     method: str = "em"
+    n_components: Optional[Tensor] = None  # (*B,) the chosen K (model selection over K), else None
+    criterion: Optional[Tensor] = None  # (*B, C) the criterion of each candidate's best restart
 
     @property
     def batch_shape(self) -> torch.Size:
@@ -76,12 +79,14 @@ class FitResult:
     @classmethod
     def from_members(
         cls, run, *, n_restarts: int, cov: Covariance, scaling, reg: Tensor, n_valid: Tensor, empty: Tensor,
-        insufficient: Tensor, batch_shape, method: str,
+        insufficient: Tensor, batch_shape, method: str, score: Optional[Tensor] = None,
     ) -> "FitResult":
         """One result per series from a :class:`torchgmm.loop.MemberRun` of ``B`` series x ``R``
         restarts (``n_restarts``) in standardized units (``scaling``, ``reg (B,)``): flag degenerate members, keep
         per series the best non-degenerate, non-failed restart (the best finite one if there is
-        none), convert to data units, set the status, restore the batch shape."""
+        none) by ``score (B, R)`` (default: the lower bound; higher is better), convert to data
+        units, set the status, restore the batch shape. Components of weight exactly 0 (masked)
+        are never degenerate."""
         n_series = n_valid.shape[0]
         params_m = run.params.map(lambda t: t.reshape(n_series, n_restarts, *t.shape[1:]))  # (B, R, ...)
         k, d = params_m.means.shape[-2:]
@@ -89,12 +94,13 @@ class FitResult:
         failed = run.failed.reshape(n_series, n_restarts)
         min_var = cov.min_variance(cov.covariance_from_prec_chol(params_m.prec_chol), k)  # (B, R, K)
         floor = torch.clamp_min(DEGENERATE_FACTOR * reg, 100 * torch.finfo(lb.dtype).eps)
-        degenerate = min_var <= floor[:, None, None]  # (B, R, K)
+        degenerate = (min_var <= floor[:, None, None]) & ~torch.isneginf(params_m.log_weights)  # (B, R, K)
         finite = torch.isfinite(lb)
         clean = finite & ~degenerate.any(-1) & ~failed
+        score = lb if score is None else score
 
         def best_of(mask):
-            return torch.where(mask, lb, -torch.inf).argmax(-1)
+            return torch.where(mask, score, -torch.inf).argmax(-1)
 
         best = torch.where(clean.any(-1), best_of(clean), best_of(finite))  # (B,)
         rows = torch.arange(n_series, device=lb.device)
