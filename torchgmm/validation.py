@@ -70,8 +70,12 @@ def check_settings(
     _check_number("reg_covar", reg_covar, low=0.0)
     _check_number("max_iter", max_iter, low=0, integer=True)
     _check_number("n_init", n_init, low=1, integer=True)
-    if init_params not in init_methods:
-        raise ValueError(f"init_params={init_params!r} is not supported; choose one of {list(init_methods)}")
+    names = list(init_params) if isinstance(init_params, (list, tuple)) else [init_params]  # a list: cycled over restarts
+    if not names or any(not isinstance(name, str) or name not in init_methods for name in names):
+        raise ValueError(
+            f"init_params={init_params!r} is not supported; choose one of {list(init_methods)} "
+            "(or a list of them, cycled over the restarts)"
+        )
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported; choose one of {list(METHODS)}")
     if optimizer not in OPTIMIZERS:
