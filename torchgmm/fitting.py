@@ -285,6 +285,9 @@ def fit(
     cov, k = get_covariance(covariance_type), n_components
     data = prepare(X, sample_weight, min(candidates) if candidates else k, nan_policy, dtype, device, n_features)
     (n_series, n, d), itemsize, dev = data.x.shape, data.x.element_size(), data.x.device
+    guard = validation.features_look_like_series(tuple(data.batch_shape) + (n, d), k)
+    if warn and guard is not None:
+        warnings.warn(guard, FitWarning, stacklevel=2)
     n_restarts = 1 if warm_start is not None or (weights_init is not None and means_init is not None and precisions_init is not None) else n_init
     plan = make_plan(n_series, n_init, k, n, d, max_iter, itemsize, dev, compile=compile, chunk_size=chunk_size,
                      memory_budget=memory_budget, blocked=method.blocked, n_restarts=n_restarts)

@@ -24,6 +24,7 @@ from .covariance import get_covariance
 from .density import GMMParams, joint_log_prob, log_prob, log_responsibilities
 from .fitting import DEFAULT_MEMORY_BUDGET, fit as fit_mixture
 from .init import make_generator
+from .progress import Progress
 from .result import FitResult, FitStatus
 from .validation import NotFittedError
 
@@ -102,7 +103,12 @@ class GaussianMixture(nn.Module):
     warm_start : bool, default False
         Start ``fit`` from the current parameters (one start) instead of initializing.
     verbose : int, default 0
-        Print the fit's summary after each ``fit``.
+        0: silent, but a progress bar (tqdm, the ``progress`` extra) appears on a terminal when a
+        fit runs longer than 2 s; 1: print the start, the end and the fit's summary; 2: also a
+        line every ``verbose_interval`` iterations (active members, mean lower bound), as
+        scikit-learn.
+    verbose_interval : int, default 10
+        Iterations between the lines of ``verbose=2``.
     device : torch.device or str, optional
         Where to fit; default: where ``X`` is.
     dtype : torch.dtype, optional
@@ -202,6 +208,7 @@ class GaussianMixture(nn.Module):
         random_state=None,
         warm_start: bool = False,
         verbose: int = 0,
+        verbose_interval: int = 10,
         device=None,
         dtype: Optional[torch.dtype] = None,
         nan_policy: str = "raise",
@@ -234,6 +241,7 @@ class GaussianMixture(nn.Module):
         self.random_state = random_state
         self.warm_start = warm_start
         self.verbose = verbose
+        self.verbose_interval = verbose_interval
         self.device = device
         self.dtype = dtype
         self.nan_policy = nan_policy
@@ -397,18 +405,19 @@ class GaussianMixture(nn.Module):
         validation.check_random_state(self.random_state)
         warm = self._detached() if (self.warm_start and self.is_fitted) else None
         caught: list = []
+        progress = Progress(self.max_iter, self.verbose, self.verbose_interval) if Progress.wanted(self.verbose) else None
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                result = self._fit_result(X, sample_weight, warm)
+                result = self._fit_result(X, sample_weight, warm, progress)
         finally:
             _reemit(caught)
         self._set_result(result)
-        if self.verbose:
-            print(result.summary())
+        if progress is not None:
+            progress.close(result.summary())
         return self
 
-    def _fit_result(self, X, sample_weight, warm: Optional[GMMParams]) -> FitResult:
+    def _fit_result(self, X, sample_weight, warm: Optional[GMMParams], progress=None) -> FitResult:
         if self.process_group is not None:  # X is this rank's shard: torchgmm.distributed
             from .distributed import shard
 
@@ -443,6 +452,7 @@ class GaussianMixture(nn.Module):
             compile=self.compile,
             prune_after=self.prune_after,
             criterion=self.criterion,
+            progress=progress,
             n_features=self.n_features,
             warn=True,
         )

@@ -174,12 +174,16 @@ class FitResult:
         status = FitStatus(int(self.status[index]))
         text = f"{status.name}, {int(self.n_iter[index])} iterations, lower bound {float(self.lower_bound[index]):.6g}"
         bad = self.degenerate_components[index].nonzero().flatten().tolist()
+        if len(bad) > 3:  # never a wall of numbers: the count, then the first few
+            text += f"; {len(bad)} components collapsed, first:"
+            bad = bad[:3]
         if bad:
             means = self.params.means[index]
             var = get_covariance(self.covariance_type).min_variance(self.covariances[index], means.shape[0])
             parts = []
             for k in bad:
-                where = ", ".join(f"{v:.6g}" for v in means[k].tolist())
+                values = means[k].tolist()
+                where = ", ".join(f"{v:.6g}" for v in values[:3]) + (f", ... ({len(values)} features)" if len(values) > 3 else "")
                 parts.append(f"component {k} (weight {float(self.weights[index][k]):.3g}) on ({where}), variance {float(var[k]):.3g}")
             text += "; collapsed: " + "; ".join(parts)
         return text

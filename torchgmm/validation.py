@@ -335,3 +335,21 @@ def check_init_values(weights: Optional[Tensor], precisions: Optional[Tensor], c
         cov = get_covariance(covariance_type)
         if not cov.valid_precision(precisions):
             raise ValueError(f"precisions_init must be {cov.precision_constraint} for covariance_type={cov.name!r}")
+
+
+def features_look_like_series(shape: tuple, n_components: int) -> Optional[str]:
+    """A short message when a 2-D ``X (N, D)`` has more features than a full covariance can be
+    estimated from (``D > N``, or ``D(D+1)/2 >= N/K`` numbers per component from its share of the
+    points): most often a matrix of univariate series passed without the feature dim. None when
+    the shape is plausible."""
+    if len(shape) != 2 or shape[1] < 2:
+        return None
+    n, d = shape
+    per_component = COVARIANCE_TYPES["full"].n_cov_parameters(1, d)
+    if d <= n and per_component < n / n_components:
+        return None
+    return (
+        f"X has shape {tuple(shape)}: one dataset of {n} points in {d} dimensions; a full covariance needs "
+        f"{per_component} numbers per component from about {n // n_components} points. If its rows are {n} "
+        f"univariate series of {d} points, fit X[..., None] (shape {(n, d, 1)})"
+    )
