@@ -186,3 +186,14 @@ def test_online_schedule_is_validated():
         with pytest.raises(ValueError, match="alpha"):
             _check_schedule(alpha, 1.0)
     assert OnlineEM.__doc__ and "(t + t0) ** -alpha" in OnlineEM.__doc__
+
+
+def test_fit_stream_takes_every_setting_of_fit():
+    """fit hands a stream to fit_stream with all of its arguments: a new setting of fit must be
+    added to fit_stream too (or refused there with a message)."""
+    import inspect
+
+    from torchgmm.fitting import fit
+    from torchgmm.stream import fit_stream
+
+    assert list(inspect.signature(fit).parameters) == list(inspect.signature(fit_stream).parameters)
