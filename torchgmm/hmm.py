@@ -36,6 +36,7 @@ from .density import GMMParams, joint_log_prob, joint_log_prob_and_diff
 from .forward_backward import log_likelihood, posteriors, viterbi
 from .init import INIT_METHODS, initialize, make_generator
 from .loop import Batch, Members, Start, Step, all_finite, run_members
+from .mixture import GaussianAttributes
 from .result import FitResult, FitStatus, FitWarning
 from .stats import m_step, statistics
 from .units import Scaling, standardize
@@ -297,7 +298,7 @@ _PARAMETERS = ("startprob_logits", "transmat_logits", "loc", "prec_chol_raw")
 _BUFFERS = ("converged_", "n_iter_", "lower_bound_", "lower_bounds_", "status_")
 
 
-class GaussianHMM(nn.Module):
+class GaussianHMM(GaussianAttributes, nn.Module):
     """A batch of Gaussian hidden Markov models, fitted by batched Baum-Welch EM; an ``nn.Module``.
 
     Emissions are Gaussian with the mixture's covariance types and attribute shapes; ``K`` hidden
@@ -426,22 +427,6 @@ class GaussianHMM(nn.Module):
     @property
     def transmat_(self) -> Tensor:
         return self._detached().log_transmat.exp()
-
-    @property
-    def means_(self) -> Tensor:
-        return self._detached().means
-
-    @property
-    def precisions_cholesky_(self) -> Tensor:
-        return self._detached().prec_chol
-
-    @property
-    def covariances_(self) -> Tensor:
-        return self._cov.covariance_from_prec_chol(self.precisions_cholesky_)
-
-    @property
-    def precisions_(self) -> Tensor:
-        return self._cov.precision_from_prec_chol(self.precisions_cholesky_)
 
     @property
     def status_names_(self) -> Optional[np.ndarray]:

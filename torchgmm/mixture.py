@@ -28,7 +28,7 @@ from .progress import Progress
 from .result import FitResult, FitStatus
 from .validation import NotFittedError
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "GaussianAttributes"]
 
 _PARAMETERS = ("weight_logits", "loc", "prec_chol_raw")
 # Fitted state saved and restored with the parameters (state_dict, save / load): tensors or None.
@@ -65,7 +65,29 @@ def _reemit(caught: Sequence[warnings.WarningMessage]) -> None:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
-class GaussianMixture(nn.Module):
+class GaussianAttributes:
+    """scikit-learn's attributes of Gaussian components, derived from ``self._detached()`` (with
+    ``means`` and ``prec_chol``) and the covariance registry entry ``self._cov``: shared by the
+    mixture and the hidden Markov model."""
+
+    @property
+    def means_(self) -> Tensor:
+        return self._detached().means
+
+    @property
+    def precisions_cholesky_(self) -> Tensor:
+        return self._detached().prec_chol
+
+    @property
+    def covariances_(self) -> Tensor:
+        return self._cov.covariance_from_prec_chol(self.precisions_cholesky_)
+
+    @property
+    def precisions_(self) -> Tensor:
+        return self._cov.precision_from_prec_chol(self.precisions_cholesky_)
+
+
+class GaussianMixture(GaussianAttributes, nn.Module):
     """A batch of Gaussian mixture models, fitted by batched EM; an ``nn.Module``.
 
     Settings and attributes mean what they mean in ``sklearn.mixture.GaussianMixture``, with the
@@ -355,22 +377,6 @@ class GaussianMixture(nn.Module):
     @property
     def weights_(self) -> Tensor:
         return self._detached().log_weights.exp()
-
-    @property
-    def means_(self) -> Tensor:
-        return self._detached().means
-
-    @property
-    def precisions_cholesky_(self) -> Tensor:
-        return self._detached().prec_chol
-
-    @property
-    def covariances_(self) -> Tensor:
-        return self._cov.covariance_from_prec_chol(self.precisions_cholesky_)
-
-    @property
-    def precisions_(self) -> Tensor:
-        return self._cov.precision_from_prec_chol(self.precisions_cholesky_)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # An unfitted model has no parameter tensors yet: create them with the saved shapes.

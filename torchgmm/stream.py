@@ -48,7 +48,8 @@ from . import validation
 from .covariance import Covariance, get_covariance
 from .density import GMMParams
 from .init import INIT_METHODS, make_generator
-from .loop import Batch, Members, Start, Step, all_finite, run_members, tree_map
+from .em import EMRule
+from .loop import Batch, Members, all_finite, run_members, tree_map
 from .methods import as_method, method_settings
 from .objective import penalized_params
 from .plan import DEFAULT_MEMORY_BUDGET, blocking, check_memory, make_plan
@@ -408,11 +409,12 @@ class _StreamMembers(Members):
                      tree_map(lambda t: t[rows], self.prior))
 
 
-class StreamEMRule:
+class StreamEMRule(EMRule):
     """EM over a stream, as a step rule of the member loop: each :meth:`step` makes one pass over
     the source, summing the statistics of every chunk (about the current means), adds them over
     the ranks (``reduce``, see ``torchgmm.distributed``), and makes one M-step. Same state, value
-    and ``apply`` as :class:`torchgmm.em.EMRule`, so SQUAREM runs on it unchanged.
+    and rule methods as :class:`torchgmm.em.EMRule` (only :meth:`apply`, the EM map, differs), so
+    SQUAREM runs on it unchanged.
 
     The :class:`Batch` it receives (from :class:`_StreamMembers`) carries ``w_total``, ``reg`` and
     the prior; its ``x`` names the chunk rows of the members. Each chunk is processed in blocks of
@@ -467,19 +469,6 @@ class StreamEMRule:
         new, ok = m_step(stats, shaped.means, self.cov, batch.reg, batch.prior)
         new, value, ok = batch.flat(new), (stats.log_lik / batch.w_total).reshape(-1), ok.reshape(-1)
         return new, value, ok & torch.isfinite(value) & all_finite(new)
-
-    def start(self, batch: Batch, params: GMMParams) -> Start:
-        return Start(params)
-
-    def step(self, batch: Batch, state: GMMParams, active: Tensor) -> Step:
-        new, value, ok = self.apply(batch, state)
-        return Step(new, value, ok)
-
-    def params(self, state: GMMParams) -> GMMParams:
-        return state
-
-    def objective(self, batch: Batch, params: GMMParams) -> Tensor:
-        return self.apply(batch, params)[1]
 
 
 # -- one streamed fit ---------------------------------------------------------------------------------
