@@ -231,6 +231,8 @@ def summarize(rows: list[dict]) -> None:
         r["failed"] = int((~np.isfinite(ll)).sum())
         if sk is not None:
             r["vs_sklearn"] = sk["s_per_series"] / r["s_per_series"]
+            if r.get("first_seconds"):  # the first fit of a fresh process, everything included (compilation)
+                r["first_vs_sklearn"] = sk["s_per_series"] / (r["first_seconds"] / r["n"])
             d = ll[:k] - np.array(sk["ll"], dtype=float)[:k]
             r["dll_vs_sklearn"] = float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
         notes = []
@@ -250,7 +252,7 @@ def summarize(rows: list[dict]) -> None:
         r["note"] = "; ".join(notes)
 
 
-HEAD = ["workload", "method", "dtype", "series", "s/series", "vs sklearn", "mean ll", "Δll vs sk",
+HEAD = ["workload", "method", "dtype", "series", "s/series", "vs sklearn", "1st call vs sk", "mean ll", "Δll vs sk",
         "peak MB", "note"]
 
 
@@ -262,10 +264,11 @@ def fmt_rows(rows: list[dict]) -> list[list[str]]:
         method = r["method"] + (f" ({r['threads']} thr)" if r.get("threads") else "")
         method += "".join(f" {k}={v}" for k, v in (r.get("options") or {}).items())
         if "seconds" not in r:
-            out.append([r["label"], method, r["dtype"], "", "", "", "", "", "", "skipped: " + r["skip"]])
+            out.append([r["label"], method, r["dtype"], "", "", "", "", "", "", "", "skipped: " + r["skip"]])
             continue
         out.append([r["label"], method, r["dtype"], str(r["n"]), f(r["s_per_series"], ".3g"),
                     f(r.get("vs_sklearn"), ".2f") + ("x" if "vs_sklearn" in r else ""),
+                    f(r.get("first_vs_sklearn"), ".2f") + ("x" if "first_vs_sklearn" in r else ""),
                     f(r["mean_ll"], ".4f"), f(r.get("dll_vs_sklearn"), "+.1e"),
                     f(r["mem_mb"], ".0f") + ("" if r["mem_kind"] == "rss" else " " + r["mem_kind"]),
                     r.get("note", "")])
@@ -277,6 +280,8 @@ def footnotes(info: dict) -> list[str]:
         "s/series: median over `repeats` timed fits (after one warm-up fit) of the fit time divided by the "
         "series timed; fit only (data already converted/on device; CUDA synchronized). A method with fewer "
         "series than B timed a subsample (the first `max_series`).",
+        "1st call vs sk: the same ratio for the worker's first fit (a fresh process: imports done, any JIT "
+        "compilation and cache warm-up included).",
         "vs sklearn: scikit-learn s/series / method s/series (>1 = faster). Methods use all cores unless "
         "marked '(n thr)' (OpenMP/BLAS threads capped by the config's `threads`). torchgmm key=value: its "
         "settings for that row (compile=True: torch.compile'd E-step/statistics and k-means steps; default "
@@ -295,8 +300,9 @@ def footnotes(info: dict) -> list[str]:
 
 
 def machine_line(info: dict) -> str:
-    vers = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("cpu", "cores", "load", "device"))
-    return (f"machine: {info['cpu']}, {info['cores']} cores (load avg {info['load']} at start), "
+    vers = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("cpu", "cores", "load", "device", "busy"))
+    return (f"machine: {info['cpu']}, {info['cores']} cores (load avg {info['load']} at start"
+            + (f"; {info['busy']}" if "busy" in info else "") + "), "
             f"device {info['device']}; {vers}")
 
 
@@ -320,6 +326,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="shrink every workload (B/10, N/10, 1 repeat)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i] for the torch-based methods")
     ap.add_argument("--threads", type=int, help="cap OpenMP/BLAS threads of every method (busy machines)")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="run this many busy-loop processes beside every cell (a competing load)")
     ap.add_argument("--out", help="JSON results (default benchmarks/results/<config>[-quick].json)")
     ap.add_argument("--markdown", help="also write the table as markdown to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -334,8 +342,21 @@ def main(argv=None):
     import yaml
     cfg = yaml.safe_load(Path(args.config).read_text())
     info = machine(args.device)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    if busy:
+        info["busy"] = f"{args.busy} busy-loop process(es) beside every cell"
     print(machine_line(info), flush=True)
     rows = []
+    try:
+        run_cells(cfg, args, rows)
+    finally:
+        for p in busy:  # only the processes started here, by their handle
+            p.kill()
+            p.wait()
+    finish(cfg, args, info, rows)
+
+
+def run_cells(cfg: dict, args, rows: list) -> None:
     for row in cells(cfg, args.quick, args.threads):
         if "skip" not in row:
             print(f"  {row['label']}: {row['method']} {row['dtype']} on {row['n']} series ...", end=" ", flush=True)
@@ -347,6 +368,9 @@ def main(argv=None):
             print(f"{done} (worker {wall:.1f} s, other processes {res['other_load']:.1f} cores)", flush=True)
             row.update(res)
         rows.append(row)
+
+
+def finish(cfg: dict, args, info: dict, rows: list) -> None:
     summarize(rows)
     table = fmt_rows(rows)
     print()

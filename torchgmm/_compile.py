@@ -26,11 +26,14 @@ __all__ = ["compiled", "should_compile"]
 AUTO_COMPILE_WORK = 1e10
 
 
-def should_compile(setting, work: float) -> bool:
-    """``"auto"``: compile when the work bound is large (any device, any D: contractions over
-    features stay BLAS calls inside the compiled graph, see ``_ops.matmul``)."""
+def should_compile(setting, work: float, n_features: int | None = None) -> bool:
+    """``"auto"``: compile when the work bound is large (any device, D >= 2: contractions over
+    features stay BLAS calls inside the compiled graph, see ``_ops.matmul``). Univariate data
+    (``n_features == 1``) never compile under "auto": their eager E-step is two matrix products
+    and a few element-wise passes (``stats.univariate_statistics``), within ~2x of the compiled
+    step, while a cold compile costs 10-20 s on a 2-core CPU."""
     if setting == "auto":
-        return work >= AUTO_COMPILE_WORK
+        return work >= AUTO_COMPILE_WORK and n_features != 1
     return bool(setting)
 
 

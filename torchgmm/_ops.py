@@ -31,6 +31,22 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
+# Multiply-adds below which ``product`` stays element-wise: a BLAS call on a tiny product costs more
+# than the product, and MKL's threads spin-wait on a busy machine (measured: a 50-point fit 20x
+# slower with two threads on a loaded 2-core machine when its products went to BLAS).
+_BLAS_MIN_WORK = 1 << 16
+
+
+def product(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` (broadcasting batch dims): BLAS for large products, a broadcast multiply-sum for
+    small ones (fewer than ``_BLAS_MIN_WORK`` multiply-adds), whose kernels are below torch's
+    parallel grain and never wait for a thread."""
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]).numel()
+    if batch * a.shape[-2] * a.shape[-1] * b.shape[-1] >= _BLAS_MIN_WORK:
+        return a @ b
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+
+
 def even_slices(n: int, max_size: int) -> list[slice]:
     """``range(n)`` cut into the fewest slices of at most ``max_size``, their sizes differing by at
     most one (no small remainder: a block of one row would make the compiled step recompile)."""

@@ -87,16 +87,23 @@ def _cov_from_prec_chol_matrix(prec_chol: Tensor) -> Tensor:
     return inv.mT @ inv
 
 
+def _strict_upper(matrix: Tensor) -> Tensor:
+    """``torch.triu(matrix, 1)`` as a masked select: ``torch.triu`` opens a parallel region even
+    for one small matrix (grain 0), which costs milliseconds when another process holds a core."""
+    idx = torch.arange(matrix.shape[-1], device=matrix.device)
+    return torch.where(idx.unsqueeze(-1) < idx, matrix, torch.zeros((), dtype=matrix.dtype, device=matrix.device))
+
+
 def _triu_to_unconstrained(prec_chol: Tensor) -> Tensor:
     """Upper-triangular factor with positive diagonal -> same matrix with ``log`` diagonal."""
     diag = torch.diagonal(prec_chol, dim1=-2, dim2=-1)
-    return torch.triu(prec_chol, 1) + torch.diag_embed(torch.log(diag))
+    return _strict_upper(prec_chol) + torch.diag_embed(torch.log(diag))
 
 
 def _triu_from_unconstrained(raw: Tensor) -> Tensor:
     """Inverse of :func:`_triu_to_unconstrained`; entries below the diagonal are ignored."""
     diag = torch.diagonal(raw, dim1=-2, dim2=-1)
-    return torch.triu(raw, 1) + torch.diag_embed(torch.exp(diag))
+    return _strict_upper(raw) + torch.diag_embed(torch.exp(diag))
 
 
 class Covariance:

@@ -26,6 +26,7 @@ __all__ = [
     "GMMParams",
     "joint_log_prob",
     "joint_log_prob_and_diff",
+    "univariate_coefficients",
     "component_log_prob",
     "log_prob",
     "log_responsibilities",
@@ -54,12 +55,33 @@ def joint_log_prob_and_diff(x: Tensor, params: GMMParams, covariance_type: str |
     """:func:`joint_log_prob` and ``diff = x - mu`` ``(*B, K, N, D)``, which the statistics reuse:
     the E-step and the statistics share one pass over the data, centred on the current means."""
     cov = get_covariance(covariance_type)
-    n_features = x.shape[-1]
     diff = x.unsqueeze(-3) - params.means.unsqueeze(-2)  # (*B, K, N, D)
     maha = cov.mahalanobis(diff, params.prec_chol)  # (*B, K, N)
-    log_det = cov.log_det(params.prec_chol, n_features)  # (*B, K)
-    log_norm_const = log_det - 0.5 * n_features * LOG_2PI
-    return (params.log_weights + log_norm_const).unsqueeze(-1) - 0.5 * maha, diff
+    return _log_peak(params, cov, x.shape[-1]).unsqueeze(-1) - 0.5 * maha, diff
+
+
+def _log_peak(params: GMMParams, cov: Covariance, n_features: int) -> Tensor:
+    """``log w_k + log det U_k - D/2 log 2 pi``: the joint log-probability at the mean, ``(*B, K)``."""
+    return params.log_weights + cov.log_det(params.prec_chol, n_features) - 0.5 * n_features * LOG_2PI
+
+
+def univariate_coefficients(params: GMMParams, covariance_type: str | Covariance) -> Tensor:
+    """For univariate data (D = 1) the same joint log-probability as a quadratic in ``x``:
+    ``joint_k(x) = c0 + c1 x + c2 x^2``, coefficients ``(*B, K, 3)``.
+
+    Built from the same terms as :func:`joint_log_prob_and_diff` (the log-weight and log-det
+    constant, and the Mahalanobis term of the covariance type, here of a unit difference,
+    ``q_k``): ``joint_k = peak_k - q_k (x - mu_k)^2 / 2``. The joint log-probabilities of all
+    points are then one matrix product ``[1, x, x^2] @ c`` (``stats.univariate_statistics``).
+    Exact in float64; in float32 the expansion loses ``eps * q_k mu_k^2`` nats, so callers take
+    the product in float64."""
+    cov = get_covariance(covariance_type)
+    mu = params.means  # (*B, K, 1)
+    q = cov.mahalanobis(torch.ones_like(mu).unsqueeze(-2), params.prec_chol)  # (*B, K, 1): q (x - mu)^2 = maha
+    half_q = 0.5 * q.squeeze(-1)
+    mu = mu.squeeze(-1)
+    peak = _log_peak(params, cov, 1)
+    return torch.stack(torch.broadcast_tensors(peak - half_q * mu.square(), 2 * half_q * mu, -half_q), -1)
 
 
 def component_log_prob(x: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Tensor:

@@ -22,7 +22,7 @@ from .covariance import Covariance, get_covariance
 from .density import GMMParams
 from .loop import Batch, Start, Step, all_finite, tree_map
 from .objective import penalized_params
-from .stats import chunked_sum, e_step_statistics, m_step
+from .stats import chunked_sum, e_step_statistics, fast_e_step_statistics, m_step
 
 __all__ = ["em_step", "in_blocks", "log_likelihood", "EMRule", "EMMap"]
 
@@ -95,7 +95,7 @@ class EMRule:
         self.chunk_size = chunk_size
         self.penalized = penalized
         step = functools.partial(
-            em_step, stats_fn=compiled(e_step_statistics) if compile else e_step_statistics, penalized=penalized
+            em_step, stats_fn=compiled(e_step_statistics) if compile else fast_e_step_statistics, penalized=penalized
         )
         self.map: EMMap = in_blocks(step, block_members)
 

@@ -29,7 +29,7 @@ from .density import GMMParams
 from .init import INIT_METHODS, initialize, make_generator
 from .loop import Members, run_members
 from .methods import as_method, method_settings
-from .plan import DEFAULT_MEMORY_BUDGET, Plan, check_memory, make_plan
+from .plan import DEFAULT_MEMORY_BUDGET, Plan, check_memory, intra_op_threads, make_plan, threads
 from .result import FitResult, FitWarning
 from .units import Scaling, standardize
 
@@ -291,53 +291,54 @@ def fit(
     n_restarts = 1 if warm_start is not None or (weights_init is not None and means_init is not None and precisions_init is not None) else n_init
     plan = make_plan(n_series, n_init, k, n, d, max_iter, itemsize, dev, compile=compile, chunk_size=chunk_size,
                      memory_budget=memory_budget, blocked=method.blocked, n_restarts=n_restarts)
-    xs, scaling, reg = _scale(data, reg_covar, plan.compile, warn, stacklevel=2)
-    check_memory(n_series * n_init, k, d, cov, itemsize, dev)
+    with threads(intra_op_threads(float(n_series) * n_restarts * n * k * d, dev)):
+        xs, scaling, reg = _scale(data, reg_covar, plan.compile, warn, stacklevel=2)
+        check_memory(n_series * n_init, k, d, cov, itemsize, dev)
 
-    if warm_start is not None:
-        start = GMMParams(*(t.reshape(n_series, *t.shape[len(data.batch_shape):]).to(data.x) for t in warm_start))
-        init = scaling.to_standard(start, cov).map(lambda t: t.unsqueeze(1))
-    else:
-        given = _given_init(data, k, cov, scaling, weights_init, means_init, precisions_init)
-        if len(given) == 3:
-            init = GMMParams(**{name: t.unsqueeze(1) for name, t in given.items()})
-        elif candidates is not None:  # (B, C * R, ...): every candidate's restarts, padded to K
-            starts = [_pad_components(_initialize(xs, data, c, n_init, init_params, cov, reg, random_state, {}, plan,
-                                                  warn, stacklevel=2), k, cov) for c in candidates]
-            init = GMMParams(*(torch.cat(ts, 1) for ts in zip(*starts)))
+        if warm_start is not None:
+            start = GMMParams(*(t.reshape(n_series, *t.shape[len(data.batch_shape):]).to(data.x) for t in warm_start))
+            init = scaling.to_standard(start, cov).map(lambda t: t.unsqueeze(1))
         else:
-            init = _initialize(xs, data, k, n_init, init_params, cov, reg, random_state, given, plan, warn, stacklevel=2)
-    reference = None
-    if warm_start_lower_bound is not None:
-        previous = warm_start_lower_bound.to(data.x).reshape(n_series)
-        reference = scaling.log_lik_to_standard(previous, d).repeat_interleave(init.means.shape[1])
+            given = _given_init(data, k, cov, scaling, weights_init, means_init, precisions_init)
+            if len(given) == 3:
+                init = GMMParams(**{name: t.unsqueeze(1) for name, t in given.items()})
+            elif candidates is not None:  # (B, C * R, ...): every candidate's restarts, padded to K
+                starts = [_pad_components(_initialize(xs, data, c, n_init, init_params, cov, reg, random_state, {}, plan,
+                                                      warn, stacklevel=2), k, cov) for c in candidates]
+                init = GMMParams(*(torch.cat(ts, 1) for ts in zip(*starts)))
+            else:
+                init = _initialize(xs, data, k, n_init, init_params, cov, reg, random_state, given, plan, warn, stacklevel=2)
+        reference = None
+        if warm_start_lower_bound is not None:
+            previous = warm_start_lower_bound.to(data.x).reshape(n_series)
+            reference = scaling.log_lik_to_standard(previous, d).repeat_interleave(init.means.shape[1])
 
-    prior_s = None
-    if prior is not None:
-        from .prior import make_prior  # standardized units, per series
+        prior_s = None
+        if prior is not None:
+            from .prior import make_prior  # standardized units, per series
 
-        prior_s = make_prior(prior, xs, data.w, k, cov, shift=scaling.shift, scale=scaling.scale)
-    rule = method.rule(cov, tol, chunk_size=plan.chunk_size, compile=plan.compile, block_members=plan.block_members)
-    with torch.no_grad():
-        run = run_members(
-            Members(xs, data.w, reg, prior_s, init.means.shape[1]), init, rule, tol, max_iter,
-            reference=reference, catch_interrupt=catch_interrupt, progress=progress, **method.loop_options(),
+            prior_s = make_prior(prior, xs, data.w, k, cov, shift=scaling.shift, scale=scaling.scale)
+        rule = method.rule(cov, tol, chunk_size=plan.chunk_size, compile=plan.compile, block_members=plan.block_members)
+        with torch.no_grad():
+            run = run_members(
+                Members(xs, data.w, reg, prior_s, init.means.shape[1]), init, rule, tol, max_iter,
+                reference=reference, catch_interrupt=catch_interrupt, progress=progress, **method.loop_options(),
+            )
+        n_restarts = init.means.shape[1]
+        score, chosen = None, {}
+        if candidates is not None:
+            crit = _candidate_criteria(run, xs, data, candidates, n_restarts, cov, scaling, criterion, plan)  # (B, C, R)
+            score = -crit.flatten(1)
+            best = crit.amin(-1)  # (B, C)
+            chosen = {"criterion": best, "n_components": torch.tensor(candidates, device=dev)[best.argmin(-1)]}
+        result = FitResult.from_members(
+            run, n_restarts=n_restarts, cov=cov, scaling=scaling, reg=reg, n_valid=data.n_valid, empty=data.empty,
+            insufficient=data.insufficient, batch_shape=data.batch_shape, method=method.name, score=score,
         )
-    n_restarts = init.means.shape[1]
-    score, chosen = None, {}
-    if candidates is not None:
-        crit = _candidate_criteria(run, xs, data, candidates, n_restarts, cov, scaling, criterion, plan)  # (B, C, R)
-        score = -crit.flatten(1)
-        best = crit.amin(-1)  # (B, C)
-        chosen = {"criterion": best, "n_components": torch.tensor(candidates, device=dev)[best.argmin(-1)]}
-    result = FitResult.from_members(
-        run, n_restarts=n_restarts, cov=cov, scaling=scaling, reg=reg, n_valid=data.n_valid, empty=data.empty,
-        insufficient=data.insufficient, batch_shape=data.batch_shape, method=method.name, score=score,
-    )
-    if candidates is not None:
-        result.criterion = chosen["criterion"].reshape(*data.batch_shape, len(candidates))
-        k_best = torch.tensor(candidates, device=dev)[result.best_restart.reshape(-1) // n_init]
-        result.n_components = k_best.reshape(data.batch_shape)
-    if warn:
-        result.warn(stacklevel=3, convergence=max_iter > 0)
-    return result
+        if candidates is not None:
+            result.criterion = chosen["criterion"].reshape(*data.batch_shape, len(candidates))
+            k_best = torch.tensor(candidates, device=dev)[result.best_restart.reshape(-1) // n_init]
+            result.n_components = k_best.reshape(data.batch_shape)
+        if warn:
+            result.warn(stacklevel=3, convergence=max_iter > 0)
+        return result

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._compile import compiled
-from ._ops import matmul
+from ._ops import matmul, product
 from .covariance import Covariance, get_covariance
 from .density import GMMParams
 from .stats import chunked_sum, m_step, params_from_responsibilities, partition_statistics, point_chunks
@@ -134,10 +134,34 @@ def _one_hot(labels: Tensor, n_components: int, dtype) -> Tensor:
     return (labels.unsqueeze(-2) == ks).to(dtype)
 
 
+def _kmeans_assign_univariate(x: Tensor, w: Tensor, centers: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`kmeans_assign` for ``D = 1`` (eager) in a few large kernels: the distances of all
+    restarts are one product ``[1, x] @ [c^2, -2c]`` (columns ``(K, R)``), the nearest center a
+    running minimum over the K columns (ties: the first, as ``argmin``), and the cells' counts and
+    sums a second product of ``[1, x]`` with the weighted one-hot labels."""
+    b, r, k = centers.shape[0], centers.shape[1], centers.shape[2]
+    n = x.shape[-2]
+    c = centers.squeeze(-1).transpose(1, 2)  # (B, K, R)
+    feats = torch.cat([torch.ones_like(x[:, 0]), x[:, 0]], -1)  # (B, N, 2)
+    coef = torch.stack([c.square(), -2 * c], 1).reshape(b, 2, k * r)  # (B, 2, K*R)
+    d2 = product(feats, coef).view(b, n, k, r)  # |x|^2 omitted
+    best, labels = d2[:, :, 0], torch.zeros((b, n, r), dtype=torch.long, device=x.device)
+    for j in range(1, k):
+        closer = d2[:, :, j] < best
+        best = torch.where(closer, d2[:, :, j], best)
+        labels = torch.where(closer, j, labels)
+    ks = torch.arange(k, device=x.device).unsqueeze(-1)  # (K, 1)
+    onehot = (labels.unsqueeze(-2) == ks).to(x.dtype) * w[:, 0, :, None, None]  # (B, N, K, R)
+    moments = product(feats.mT, onehot.view(b, n, k * r)).view(b, 2, k, r).permute(0, 3, 2, 1)  # (B, R, K, 2)
+    return labels.transpose(1, 2), moments[..., 1:], moments[..., :1]
+
+
 def kmeans_assign(x: Tensor, w: Tensor, centers: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Nearest-center labels ``(B, R, N)`` of ``x (B, 1, N, D)`` (weights ``w (B, 1, N)``) and the
     weighted sums ``(B, R, K, D)`` and counts ``(B, R, K, 1)`` of each cell: additive over chunks
     of points."""
+    if x.shape[-1] == 1 and x.dim() == 4 and not torch.compiler.is_compiling():
+        return _kmeans_assign_univariate(x, w, centers)
     # Squared distances with K last: argmin over the contiguous axis is fast.
     d2 = matmul(x, centers.mT) * -2 + centers.square().sum(-1).unsqueeze(-2)  # (B, R, N, K); |x|^2 omitted
     labels = d2.argmin(-1)  # (B, R, N)

@@ -16,12 +16,12 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._ops import matmul
+from ._ops import matmul, product
 from .covariance import Covariance, get_covariance
-from .density import GMMParams, joint_log_prob_and_diff
+from .density import GMMParams, joint_log_prob_and_diff, univariate_coefficients
 
 __all__ = [
-    "Stats", "statistics", "e_step_statistics", "partition_statistics", "m_step", "chunked_sum", "point_chunks",
+    "Stats", "statistics", "e_step_statistics", "univariate_statistics", "fast_e_step_statistics", "partition_statistics", "m_step", "chunked_sum", "point_chunks",
     "params_from_responsibilities",
 ]
 
@@ -63,6 +63,89 @@ def e_step_statistics(
     return statistics(diff, resp, cov, (w * log_norm).sum(-1))
 
 
+# float32 runs the expanded quadratic in float32 while the largest cancelled term, q mu^2 / 2 (q: the
+# component's precision, mu its mean, standardized units), stays below this many nats: then the
+# expansion's rounding is at most ~1e-4 nats in a joint log-probability and ~1e-4 relative in a
+# variance; beyond it (tight or collapsed components far from the series' centre) the call runs in
+# float64.
+_FLOAT32_EXPANSION_LIMIT = 1e3
+
+
+def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Stats:
+    """:func:`e_step_statistics` for univariate data (``D = 1``) in a handful of large kernels.
+
+    The joint log-probabilities are one batched matrix product of the features ``[1, x, x^2]``
+    with the quadratic's coefficients (:func:`torchgmm.density.univariate_coefficients`, from
+    the one log-density), and the statistics are a second one, of the features with the weighted
+    responsibilities: no ``(K, N)`` differences. Restarts broadcast against the data
+    (``x (B, 1, N, 1)`` against parameters ``(B, R, ...)``) become columns of one product. The
+    exponentials are taken without a per-point maximum; points where every component underflows
+    (far from all of them) are recomputed with ``logsumexp``. float32 is guarded: the expansion
+    cancels terms of size ``q mu^2`` (data standardized per series keep them small), so a call
+    whose terms exceed ``_FLOAT32_EXPANSION_LIMIT`` runs in float64 (same result to float32
+    rounding).
+    """
+    cov = get_covariance(covariance_type)
+    dtype = x.dtype
+    coef = univariate_coefficients(params, cov)  # (*L, K, 3)
+    if dtype != torch.float64:
+        # Near component k (where its joint matters) the expansion cancels terms of size q mu^2 / 2;
+        # far from it the rounding is relative to the joint itself, as in the direct form.
+        term = (-coef[..., 2] * params.means.squeeze(-1).square()).amax()
+        if not bool(term < _FLOAT32_EXPANSION_LIMIT):  # (NaN parameters too: float64 decides)
+            f64 = torch.float64
+            stats = univariate_statistics(x.to(f64), w.to(f64), params.map(lambda t: t.to(f64)), cov)
+            return Stats(*(t.to(dtype) for t in stats))
+    lead, k, n = coef.shape[:-2], coef.shape[-2], x.shape[-2]
+    x_lead = x.shape[:-2]
+    fold = len(x_lead) == len(lead) >= 1 and x_lead[-1] == 1 and lead[-1] > 1
+    if fold:  # restarts share the data: (*outer, N) features against (*outer, 3, K*R) coefficients
+        outer = torch.broadcast_shapes(x_lead[:-1], lead[:-1])
+        xf, wf, r = x.squeeze(-3), w.squeeze(-2), lead[-1]
+        coef = coef.expand(*outer, r, k, 3).transpose(-3, -2).reshape(*outer, k * r, 3)  # columns (K, R)
+    else:
+        outer = torch.broadcast_shapes(x_lead, lead)
+        xf, wf, r = x, w, 1
+        coef = coef.expand(*outer, k, 3)
+    xf = xf.expand(*outer, n, 1)
+    feats = torch.cat([torch.ones_like(xf), xf, xf.square()], -1)  # (*outer, N, 3)
+    joint = product(feats, coef.mT).view(*outer, n, k, r)  # (*outer, N, K, R)
+    e = joint.exp()
+    s = e.sum(-2)  # (*outer, N, R)
+    bad = s < (2.0**-900 if dtype == torch.float64 else 2.0**-100)
+    if bool(bad.any()):  # every component underflowed: the exact logsumexp for those points
+        jb = joint.transpose(-1, -2)[bad]  # (n_bad, K)
+        lse = torch.logsumexp(jb, -1)
+        e.transpose(-1, -2)[bad] = torch.exp(jb - lse.unsqueeze(-1))
+        s = torch.where(bad, torch.ones((), dtype=dtype), s)
+        log_s = s.log()
+        log_s[bad] = lse
+    else:
+        log_s = s.log()
+    wf = wf.expand(*outer, n)
+    resp = e.mul_((wf.unsqueeze(-1) / s).unsqueeze(-2))  # (*outer, N, K, R), weighted
+    moments = product(feats.mT, resp.view(*outer, n, k * r)).view(*outer, 3, k, r)  # sums of r, r x, r x^2
+    log_lik = (wf.unsqueeze(-1) * log_s).sum(-2)  # (*outer, R)
+    if fold:
+        moments = moments.movedim(-1, -3)  # (*outer, R, 3, K)
+    else:
+        log_lik, moments = log_lik.squeeze(-1), moments.squeeze(-1)
+    s0, s1, s2 = moments.unbind(-2)  # (*L, K) each
+    mu = params.means.squeeze(-1)
+    sum_diff = s1 - s0 * mu
+    centred = s2 - 2 * mu * s1 + mu.square() * s0  # sum r (x - mu)^2
+    ones = torch.ones(centred.shape + (1, 1), dtype=dtype, device=x.device)
+    return Stats(s0, sum_diff.unsqueeze(-1), cov.scatter(ones, centred.unsqueeze(-1)), log_lik)
+
+
+def fast_e_step_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Stats:
+    """The eager E-step with statistics: :func:`univariate_statistics` for univariate data, else
+    :func:`e_step_statistics`."""
+    if x.shape[-1] == 1:
+        return univariate_statistics(x, w, params, covariance_type)
+    return e_step_statistics(x, w, params, covariance_type)
+
+
 def m_step(
     stats: Stats, ref: Tensor, covariance_type: str | Covariance, reg_covar: Tensor, prior=None
 ) -> tuple[GMMParams, Tensor]:
@@ -92,6 +175,22 @@ def partition_statistics(x: Tensor, w: Tensor, labels: Tensor, centers: Tensor, 
     about ``centers (*B, K, D)``. Pure and fusable: no one-hot tensor is needed when compiled."""
     cov = get_covariance(covariance_type)
     ks = torch.arange(centers.shape[-2], device=labels.device).unsqueeze(-1)  # (K, 1)
+    if x.shape[-1] == 1 and not torch.compiler.is_compiling():  # univariate, eager: moments, no (K, N) diff
+        f64 = torch.float64  # raw moments shifted in float64: no cancellation
+        resp = (labels.unsqueeze(-2) == ks).to(f64) * w.to(f64).unsqueeze(-2)  # (*B, K, N)
+        xf = x.to(f64)
+        feats = torch.cat([torch.ones_like(xf), xf, xf.square()], -1)  # (*B', N, 3)
+        if x.dim() == labels.dim() + 1 >= 3 and x.shape[-3] == 1 and labels.shape[-2] > 1:  # restarts share the data
+            lead = resp.shape[:-2]  # (*B, R)
+            moments = product(resp.reshape(*lead[:-1], -1, resp.shape[-1]), feats.squeeze(-3)).view(*lead, -1, 3)
+        else:
+            moments = product(resp, feats)  # (*B, K, 3)
+        s0, s1, s2 = moments.unbind(-1)
+        c = centers.squeeze(-1).to(torch.float64)
+        centred = (s2 - 2 * c * s1 + c.square() * s0).to(x.dtype)
+        ones = torch.ones(centred.shape + (1, 1), dtype=x.dtype, device=x.device)
+        return Stats(s0.to(x.dtype), (s1 - s0 * c).unsqueeze(-1).to(x.dtype), cov.scatter(ones, centred.unsqueeze(-1)),
+                     torch.zeros(s0.shape[:-1], dtype=x.dtype, device=x.device))
     resp = (labels.unsqueeze(-2) == ks).to(x.dtype) * w.unsqueeze(-2)  # (*B, K, N)
     diff = x.unsqueeze(-3) - centers.unsqueeze(-2)  # (*B, K, N, D)
     return statistics(diff, resp, cov)
