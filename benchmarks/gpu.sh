@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 5 minutes on one H100): CUDA tests, then the GPU benchmarks.
+# One prepared GPU check (about 5 minutes on one H100): CUDA tests, then the GPU benchmarks (W1 with
+# default settings first and second call at B=100,000, then compiled W1 per size, E-step bandwidth, W2, W3).
 # Usage on a CUDA machine, from the repository root:  bash benchmarks/gpu.sh [OUT_DIR]
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}

@@ -89,7 +89,7 @@ def demo(n_series: int = 1000) -> None:
         warnings.simplefilter("ignore")
         gm.fit(data.x)
     seconds = time.perf_counter() - start
-    print(f"    {seconds:.2f} s ({1e3 * seconds / n_series:.2f} ms per series, compilation included)")
+    print(f"    {seconds:.2f} s ({1e3 * seconds / n_series:.2f} ms per series; the first fit of this process, everything included)")
     print("    " + gm.summary().splitlines()[0])
     fitted = gm.means_[..., 0].sort(-1).values
     truth = data.means.sort(-1).values
