@@ -148,6 +148,7 @@ def quiet_fit(*args, **kwargs) -> FitResult:
 # whose fit warns must say so. The messages of the two warnings torchgmm emits before fitting:
 REG_COVAR_ABOVE_VARIANCE = r"reg_covar=\S+ is larger than the data variance"
 FEWER_DISTINCT_POINTS = r"fewer distinct points than n_components"
+SERIES_AS_FEATURES = r"If its rows are \d+ univariate series"
 
 
 @contextlib.contextmanager

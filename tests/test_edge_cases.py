@@ -223,8 +223,12 @@ def test_row10_high_dimension_few_points_stays_positive_definite_and_is_flagged(
 
 
 def test_row10_high_dimension_few_points_warning_suggests_diag():
-    with pytest.warns(torchgmm.DegenerateWarning, match="consider covariance_type='diag'"):
+    with pytest.warns(torchgmm.FitWarning) as record:
         fit(randn(12, 20), 1, random_state=0)
+    messages = [str(w.message) for w in record]
+    assert any("consider covariance_type='diag'" in m for m in messages if "flagged" in m)
+    # 12 rows of 20 numbers: also asked whether these are 12 series of 20 points (once)
+    assert sum("fit X[..., None] (shape (12, 20, 1))" in m for m in messages) == 1
 
 
 # -- 11-14: scale, offset, conditioning -------------------------------------------------------

@@ -337,12 +337,16 @@ def check_init_values(weights: Optional[Tensor], precisions: Optional[Tensor], c
             raise ValueError(f"precisions_init must be {cov.precision_constraint} for covariance_type={cov.name!r}")
 
 
+#: Fewer features than this are never taken for the points of series passed as features.
+SERIES_LIKE_MIN_FEATURES = 8
+
+
 def features_look_like_series(shape: tuple, n_components: int) -> Optional[str]:
     """A short message when a 2-D ``X (N, D)`` has more features than a full covariance can be
     estimated from (``D > N``, or ``D(D+1)/2 >= N/K`` numbers per component from its share of the
     points): most often a matrix of univariate series passed without the feature dim. None when
     the shape is plausible."""
-    if len(shape) != 2 or shape[1] < 2:
+    if len(shape) != 2 or shape[1] < SERIES_LIKE_MIN_FEATURES:  # a few features are features
         return None
     n, d = shape
     per_component = COVARIANCE_TYPES["full"].n_cov_parameters(1, d)
