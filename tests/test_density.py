@@ -158,3 +158,19 @@ def test_float32_at_a_large_offset_equals_float64_on_the_same_numbers(cov_type, 
     torch.testing.assert_close(lp32.double(), lp64, rtol=1e-5, atol=1e-4)
     resp32 = log_responsibilities(x32, params32, cov_type).exp()
     torch.testing.assert_close(resp32.sum(-1), torch.ones(N), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cov_type", ["full", "tied", "diag", "spherical"])
+def test_univariate_quadratic_coefficients_give_the_one_log_density(cov_type):
+    """The fast univariate E-step's quadratic in x is the same joint log-probability."""
+    from torchgmm.density import joint_log_prob, univariate_coefficients
+    from torchgmm.init import initialize, make_generator
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 50, 1, dtype=torch.float64, generator=gen) * 2 + 1
+    w = torch.ones(4, 50, dtype=torch.float64)
+    params, _ = initialize(x, w, 3, 2, "kmeans", cov_type, torch.full((4,), 1e-6, dtype=torch.float64), make_generator(0))
+    coef = univariate_coefficients(params, cov_type)  # (4, 2, K, 3)
+    xb = x.unsqueeze(1)  # (4, 1, 50, 1)
+    quadratic = coef[..., 0:1] + coef[..., 1:2] * xb.mT + coef[..., 2:3] * xb.mT.square()  # (4, 2, K, 50)
+    torch.testing.assert_close(quadratic, joint_log_prob(xb, params, cov_type), rtol=1e-12, atol=1e-10)

@@ -258,3 +258,22 @@ def test_partition_statistics_equal_statistics_of_one_hot_responsibilities(cov_t
     ours = partition_statistics(x, w, labels, centres, cov_type)
     assert_same_stats(ours, expected, rtol=1e-13, atol=1e-13)
     assert bool((ours.nk[:, K - 1] == 0).all())
+
+
+@pytest.mark.parametrize("cov_type", ["full", "tied", "diag", "spherical"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_univariate_statistics_equal_the_difference_based_e_step(cov_type, dtype):
+    """The univariate fast path (two matrix products) gives the statistics of e_step_statistics,
+    restarts folded into one product, and float32 stays within float32 rounding."""
+    from torchgmm.init import initialize, make_generator
+    from torchgmm.stats import e_step_statistics, univariate_statistics
+
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 80, 1, dtype=torch.float64, generator=gen) * 3 + 2)
+    w = torch.rand(3, 80, dtype=torch.float64, generator=gen)
+    params, _ = initialize(x, w, 3, 4, "kmeans", cov_type, torch.full((3,), 1e-6, dtype=torch.float64), make_generator(1))
+    ref = e_step_statistics(x.unsqueeze(1), w.unsqueeze(1), params, cov_type)
+    fast = univariate_statistics(x.to(dtype).unsqueeze(1), w.to(dtype).unsqueeze(1), params.map(lambda t: t.to(dtype)), cov_type)
+    tol = dict(rtol=1e-10, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-3)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a.double(), b, **tol)
