@@ -1,5 +1,6 @@
-"""Batched initialization: k-means (Lloyd, k-means++ seeded), k-means++ seeds, random
-responsibilities, random distinct data points.
+"""Batched initialization: k-means (Lloyd, k-means++ seeded; its later restarts cycle over
+diverse recipes), k-means++ seeds, random responsibilities, random distinct data points, the
+hierarchical start (:mod:`torchgmm.hierarchical`), or a list of methods cycled over the restarts.
 
 All functions take standardized data ``x (B, N, D)`` with weights ``w (B, N)`` and return
 parameters for ``R`` restarts, ``(B, R, ...)``.
@@ -28,7 +29,7 @@ from .stats import chunked_sum, m_step, params_from_responsibilities, partition_
 
 __all__ = ["INIT_METHODS", "initialize", "kmeans", "make_generator"]
 
-INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
+INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data", "hierarchical")
 
 # Lloyd iterations of the k-means initialization (stops earlier once no label changes).
 KMEANS_MAX_ITER = 5
@@ -102,7 +103,8 @@ def _seed_step(x: Tensor, base: Tensor, d2: Tensor, u: Tensor, d2_weighting: boo
     return seed, d2, has_new
 
 
-def _seed_points(x: Tensor, w: Tensor, n_components: int, n_init: int, gen, *, d2_weighting: bool, compile: bool = False):
+def _seed_points(x: Tensor, w: Tensor, n_components: int, n_init: int, gen, *, d2_weighting: bool, compile: bool = False,
+                 u: Optional[Tensor] = None):
     """K seed points per restart, ``(B, R, K, D)``; and ``distinct_ok (B, R)``.
 
     The first seed is drawn with probability ``w_n``. Each further seed is drawn with probability
@@ -110,10 +112,11 @@ def _seed_points(x: Tensor, w: Tensor, n_components: int, n_init: int, gen, *, d
     that lowers the potential most) or ``w_n * [d2_n > 0]`` (uniform among points not equal to a
     seed), where ``d2_n`` is the squared distance to the nearest seed so far. Where every point
     coincides with a seed (fewer distinct points than K) the draw falls back to ``w_n`` and
-    ``distinct_ok`` is False.
+    ``distinct_ok`` is False. ``u (K, R, L)``: the uniforms to use (drawn from ``gen`` when None).
     """
     n_trials = 2 + int(math.log(n_components)) if d2_weighting else 1
-    u = _uniform((n_components, n_init, n_trials), gen, x)  # (K, R, L)
+    if u is None:
+        u = _uniform((n_components, n_init, n_trials), gen, x)  # (K, R, L)
     base = w.unsqueeze(1).expand(-1, n_init, -1)  # (B, R, N)
     step = compiled(_seed_step) if compile else _seed_step
     # The first seed: drawn by weight alone (every point "new", at infinite distance), one candidate.
@@ -201,7 +204,7 @@ def kmeans(x: Tensor, w: Tensor, centers: Tensor, max_iter: int = KMEANS_MAX_ITE
     return labels, centers
 
 
-def initialize(
+def _start(
     x: Tensor,
     w: Tensor,
     n_components: int,
@@ -245,3 +248,146 @@ def initialize(
     )
     params, _ = m_step(stats, centers, cov, reg)
     return params, distinct_ok
+
+
+# -- restarts that differ, lists of methods, the hierarchical start ------------------------------------
+# Every restart of the default ``kmeans`` start used to be k-means++ seeds + 5 Lloyd steps: k-means
+# pulls most of them into the same few partitions (iris, K=3: 4 distinct partitions in 10
+# restarts), so more restarts found little more. Restart 0 keeps that start; the later ones cycle
+# over three recipes of the k-means family (benchmarks/quality.py, docs/quality.md).
+
+#: The recipes of restarts 1, 2, 3, ... of ``kmeans`` (cycled): (greedy D^2 seeding? else uniform
+#: among distinct points, Lloyd steps).
+DIVERSE_RECIPES = ((True, 2), (False, 2), (True, KMEANS_MAX_ITER))
+
+
+def _partition_params(x: Tensor, w: Tensor, labels: Tensor, centers: Tensor, cov: Covariance, reg: Tensor,
+                      compile: bool = False, chunk_size: Optional[int] = None) -> GMMParams:
+    """The M-step of hard ``labels (B, R, N)`` about ``centers (B, R, K, D)``; ``reg (B, 1)``."""
+    stats_fn = compiled(partition_statistics) if compile else partition_statistics
+    stats = chunked_sum(
+        lambda xc, wc, lc: stats_fn(xc, wc, lc, centers, cov), x.unsqueeze(1), w.unsqueeze(1), chunk_size, labels
+    )
+    params, _ = m_step(stats, centers, cov, reg)
+    return params
+
+
+def _take(t: Tensor, order: Tensor) -> Tensor:
+    return t.index_select(1, order)
+
+
+def _diverse_restarts(x: Tensor, w: Tensor, n_components: int, n_restarts: int, cov: Covariance, reg: Tensor,
+                      gen: torch.Generator, compile: bool = False, chunk_size: Optional[int] = None):
+    """Restarts 1..n of ``kmeans``: ``(params (B, n, ...), distinct_ok (B, n))``. Restart ``r`` follows
+    ``DIVERSE_RECIPES[(r - 1) % 3]``: k-means++ seeds and 2 Lloyd steps, uniform distinct seeds and
+    2 Lloyd steps, k-means++ seeds and up to 5 Lloyd steps (``kmeans``). (One step instead of two
+    found the same optima on the suite but cost 1.6x on W1: rougher starts need more EM.) Every restart has its own uniforms, drawn restart-major: the first
+    ``n`` restarts are the same whatever ``n`` (more restarts only add starts)."""
+    n_trials = 2 + int(math.log(n_components))
+    u = _uniform((n_restarts, n_components, n_trials), gen, x).permute(1, 0, 2)  # (K, n, L), prefix-stable in n
+    recipe = torch.arange(n_restarts) % len(DIVERSE_RECIPES)
+    labels, centers, ok, order = [], [], [], []
+    for greedy in (True, False):
+        for steps in sorted({s for g, s in DIVERSE_RECIPES if g == greedy}):
+            kinds = [i for i, (g, s) in enumerate(DIVERSE_RECIPES) if g == greedy and s == steps]
+            idx = torch.nonzero(torch.isin(recipe, torch.tensor(kinds))).flatten()
+            if idx.numel() == 0:
+                continue
+            uu = u[:, idx.to(u.device)] if greedy else u[:, idx.to(u.device), :1]
+            seeds, distinct = _seed_points(x, w, n_components, idx.numel(), gen, d2_weighting=greedy,
+                                           compile=compile, u=uu)
+            lab, cen = kmeans(x, w, seeds, max_iter=steps, compile=compile, chunk_size=chunk_size)
+            labels.append(lab), centers.append(cen), ok.append(distinct), order.append(idx)
+    inverse = torch.argsort(torch.cat(order)).to(x.device)
+    labels, centers = _take(torch.cat(labels, 1), inverse), _take(torch.cat(centers, 1), inverse)
+    params = _partition_params(x, w, labels, centers, cov, reg, compile, chunk_size)
+    return params, _take(torch.cat(ok, 1), inverse)
+
+
+def _cat_restarts(parts) -> tuple[GMMParams, Tensor]:
+    params, ok = zip(*parts)
+    return GMMParams(*(torch.cat(ts, 1) for ts in zip(*params))), torch.cat(ok, 1)
+
+
+def _hierarchical(x: Tensor, w: Tensor, n_components: int, cov: Covariance, reg: Tensor, gen: torch.Generator,
+                  compile: bool = False, chunk_size: Optional[int] = None) -> tuple[GMMParams, Tensor]:
+    """One restart ``(B, 1, ...)`` from model-based agglomerative clustering (torchgmm.hierarchical)
+    of at most ``HC_MAX_POINTS`` points per series: the M-step of its partition into K clusters."""
+    from .hierarchical import HC_MAX_POINTS, agglomerate, subsample
+
+    xs, ws = subsample(x, w, HC_MAX_POINTS, gen)
+    labels = agglomerate(xs, ws, n_components).labels.clamp_min(0).unsqueeze(1)  # (B, 1, M); padding: weight 0
+    onehot = _one_hot(labels, n_components, x.dtype) * ws.unsqueeze(1).unsqueeze(-2)  # (B, 1, K, M)
+    nk = onehot.sum(-1, keepdim=True)
+    total = ws.sum(-1).clamp_min(torch.finfo(x.dtype).tiny)[:, None, None, None]
+    overall = (ws.unsqueeze(-1) * xs).sum(-2)[:, None, None] / total  # (B, 1, 1, D)
+    centers = torch.where(nk > 0, (onehot @ xs.unsqueeze(1)) / nk.clamp_min(torch.finfo(x.dtype).tiny), overall)
+    params = _partition_params(xs, ws, labels, centers, cov, reg, compile, chunk_size)
+    ok = ((ws > 0).sum(-1) >= n_components).unsqueeze(-1)  # (B, 1)
+    return params, ok
+
+
+def initialize(
+    x: Tensor,
+    w: Tensor,
+    n_components: int,
+    n_init: int,
+    init_params,
+    covariance_type: str | Covariance,
+    reg_covar: Tensor,
+    gen: torch.Generator,
+    compile: bool = False,
+    chunk_size: Optional[int] = None,
+) -> tuple[GMMParams, Tensor]:
+    """Initial parameters ``(B, R, ...)`` and ``distinct_ok (B, R)`` (False where the seeds could
+    not all be distinct points).
+
+    - ``kmeans``: restart 0 is k-means++ seeds, up to 5 Lloyd iterations, then the M-step of the
+      hard partition (scikit-learn's default, batched; the start of ``n_init=1``). Restarts 1, 2,
+      3, ... cycle over three recipes (:func:`_diverse_restarts`): k-means++ seeds or uniform
+      distinct seeds with 2 Lloyd steps, and the ``kmeans`` start, each with its own draws, so that they
+      reach different partitions; the first ``n`` restarts do not depend on ``n_init``, so a
+      larger ``n_init`` never loses a start a smaller one had.
+    - ``k-means++`` / ``random_from_data``: seed points (greedy D^2-weighted / uniform among
+      distinct points), then the M-step of the partition into nearest-seed cells (one Lloyd
+      assignment). scikit-learn instead starts from the bare seeds with covariances of size
+      ``reg_covar``; its first E-step is then the same nearest-seed assignment, but with equal
+      weights.
+    - ``random``: the M-step of uniform random responsibilities, as in scikit-learn.
+    - ``hierarchical``: restart 0 from model-based agglomerative clustering (mclust's start;
+      :mod:`torchgmm.hierarchical`, at most 2,000 points per series, subsampled beyond);
+      restarts 1, 2, ... as those of ``kmeans``.
+    - a list of these names: restart ``r`` uses ``init_params[r % len(init_params)]`` (each name
+      its plain start: ``kmeans`` there is always k-means++ seeds and Lloyd).
+    """
+    cov = get_covariance(covariance_type)
+    reg = reg_covar.unsqueeze(-1)  # (B, 1): broadcasts over restarts
+    opts = dict(compile=compile, chunk_size=chunk_size)
+    if isinstance(init_params, (list, tuple)):
+        names = list(init_params)
+        if len(set(names)) == 1:
+            init_params = names[0]
+        else:
+            per_restart = [names[r % len(names)] for r in range(n_init)]
+            parts, order = [], []
+            for name in dict.fromkeys(per_restart):  # in order of first use
+                idx = [r for r, m in enumerate(per_restart) if m == name]
+                if name == "hierarchical":
+                    first = _hierarchical(x, w, n_components, cov, reg, gen, **opts)
+                    parts.append(first if len(idx) == 1 else _cat_restarts(
+                        [first, _diverse_restarts(x, w, n_components, len(idx) - 1, cov, reg, gen, **opts)]))
+                else:
+                    parts.append(_start(x, w, n_components, len(idx), name, cov, reg_covar, gen, **opts))
+                order += idx
+            params, ok = _cat_restarts(parts)
+            inverse = torch.argsort(torch.tensor(order)).to(x.device)
+            return params.map(lambda t: _take(t, inverse)), _take(ok, inverse)
+    if init_params == "hierarchical":
+        first = _hierarchical(x, w, n_components, cov, reg, gen, **opts)
+    elif init_params == "kmeans" and n_init > 1:
+        first = _start(x, w, n_components, 1, "kmeans", cov, reg_covar, gen, **opts)
+    else:
+        return _start(x, w, n_components, n_init, init_params, cov, reg_covar, gen, **opts)
+    if n_init == 1:
+        return first
+    return _cat_restarts([first, _diverse_restarts(x, w, n_components, n_init - 1, cov, reg, gen, **opts)])
