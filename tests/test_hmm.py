@@ -9,7 +9,7 @@ import torch
 
 import torchgmm
 from torchgmm import FitStatus, GaussianHMM
-from torchgmm.forward_backward import posteriors, viterbi
+from torchgmm.forward_backward import log_likelihood as fb_log_likelihood, posteriors, viterbi
 
 K, D = 3, 2
 START = np.array([0.5, 0.3, 0.2])
@@ -279,3 +279,68 @@ def test_short_sequence_in_a_batch_is_flagged_not_fatal():
     alone = _fit(seqs[2], n_components=3, random_state=0)
     torch.testing.assert_close(model.means_[2], alone.means_)
     assert bool(torch.isfinite(model.means_).all())
+
+
+# -- the scaled recursion and the univariate step ------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_scaled_forward_backward_equals_log_space(dtype):
+    gen = torch.Generator().manual_seed(0)
+    s, t, k = 40, 37, 3
+    log_start = torch.log_softmax(torch.randn(s, k, generator=gen, dtype=dtype), -1)
+    log_trans = torch.log_softmax(2 * torch.randn(s, k, k, generator=gen, dtype=dtype), -1)
+    log_emit = 5 * torch.randn(s, t, k, generator=gen, dtype=dtype)
+    valid = torch.arange(t) < torch.randint(1, t + 1, (s,), generator=gen)[:, None]
+    padded = torch.where(valid[..., None], log_emit, torch.nan)  # padding may hold NaN
+    tol = dict(rtol=0, atol=1e-11) if dtype == torch.float64 else dict(rtol=0, atol=2e-3)
+    for mask, emit in ((None, log_emit), (valid, padded)):
+        ref = posteriors(log_start, log_trans, emit, mask, log_space=True)
+        new = posteriors(log_start, log_trans, emit, mask)
+        for a, b in zip(new, ref):
+            assert not bool(torch.isnan(a).any())
+            torch.testing.assert_close(a, torch.nan_to_num(b), **tol)
+        torch.testing.assert_close(fb_log_likelihood(log_start, log_trans, emit, mask), ref.log_lik, **tol)
+
+
+def test_scaled_recursion_falls_back_to_log_space_near_underflow():
+    # A left-right chain whose only reachable state explains step 10 with exp(-2000): the scaled
+    # variables underflow there; the member is recomputed in log space, its neighbour is not.
+    log_start = torch.log(torch.tensor([[1.0, 0.0, 0.0]] * 2, dtype=torch.float64))
+    log_trans = torch.log(torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.9, 0.1], [0.0, 0.0, 1.0]], dtype=torch.float64)).expand(2, 3, 3)
+    log_emit = torch.randn(2, 20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    log_emit[0, 1, :] = torch.tensor([-2000.0, -2000.0, 0.0])
+    ref = posteriors(log_start, log_trans, log_emit, log_space=True)
+    new = posteriors(log_start, log_trans, log_emit)
+    assert bool(torch.isfinite(new.log_lik).all())
+    for a, b in zip(new, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ct", ["full", "tied", "diag", "spherical"])
+def test_univariate_step_equals_the_general_step(ct):
+    from torchgmm import hmm as hmm_module
+    from torchgmm.covariance import get_covariance
+
+    cov = get_covariance(ct)
+    gen = torch.Generator().manual_seed(0)
+    b, r, t, k = 4, 2, 50, 3
+    x = torch.randn(b, 1, t, 1, generator=gen, dtype=torch.float64)
+    valid = (torch.arange(t) < torch.tensor([50, 30, 50, 10])[:, None]).unsqueeze(1)
+    var = torch.rand(b, r, 1 if ct == "tied" else k, generator=gen, dtype=torch.float64) + 0.5
+    reg = torch.full((b, 1), 1e-6, dtype=torch.float64)
+    prec_chol, _ = cov.prec_chol_from_covariance(var.reshape(b, r, *cov.covariance_shape(k, 1)), reg.expand(b, r))
+    params = hmm_module.HMMParams(
+        torch.log_softmax(torch.randn(b, r, k, generator=gen, dtype=torch.float64), -1),
+        torch.log_softmax(torch.randn(b, r, k, k, generator=gen, dtype=torch.float64), -1),
+        torch.randn(b, r, k, 1, generator=gen, dtype=torch.float64), prec_chol,
+    )
+    w_total = valid.sum(-1).double()
+    fast = hmm_module._univariate_em_step(x, valid, w_total, params, cov, reg)
+    # The general step's parts on the same input (em_step itself takes the fast path for D=1).
+    joint, diff = hmm_module.joint_log_prob_and_diff(x, params.emission(), cov)
+    post = posteriors(params.log_startprob, params.log_transmat, joint.transpose(-1, -2), valid, log_space=True)
+    emission, ok = hmm_module.m_step(hmm_module.statistics(diff, post.gamma.transpose(-1, -2), cov), params.means, cov, reg)
+    log_start, log_trans = hmm_module._transitions(post.gamma[..., 0, :], post.trans_counts, params.log_transmat)
+    for a, b_ in zip(fast[0], (log_start, log_trans, emission.means, emission.prec_chol)):
+        torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast[1], post.log_lik / w_total, rtol=1e-12, atol=1e-12)
+    assert torch.equal(fast[2], ok)

@@ -32,13 +32,13 @@ from torch import Tensor, nn
 
 from . import validation
 from .covariance import Covariance, get_covariance
-from .density import GMMParams, joint_log_prob, joint_log_prob_and_diff
-from .forward_backward import log_likelihood, posteriors, viterbi
+from .density import GMMParams, joint_log_prob, joint_log_prob_and_diff, univariate_coefficients
+from .forward_backward import log_likelihood, posteriors, posteriors_member_last, scratch, viterbi
 from .init import INIT_METHODS, initialize, make_generator
 from .loop import Batch, Members, Start, Step, all_finite, run_members
 from .mixture import GaussianAttributes
 from .result import FitResult, FitStatus, FitWarning
-from .stats import m_step, statistics
+from .stats import _FLOAT32_EXPANSION_LIMIT, Stats, m_step, statistics
 from .units import Scaling, standardize
 from .validation import NotFittedError
 
@@ -76,18 +76,70 @@ def _no_nan(t: Tensor, n_lead: int) -> Tensor:
     return ~torch.isnan(t).flatten(n_lead).any(-1)
 
 
+def _transitions(gamma0: Tensor, counts: Tensor, log_trans: Tensor) -> tuple[Tensor, Tensor]:
+    """The M-step of the chain: ``startprob = gamma_0``, ``transmat = counts / row sums`` (a row
+    without counts keeps its values)."""
+    rows = counts.sum(-1, keepdim=True)
+    return torch.log(gamma0), torch.where(rows > 0, torch.log(counts) - torch.log(rows), log_trans)
+
+
 def em_step(x: Tensor, valid: Tensor, w_total: Tensor, params: HMMParams, cov: Covariance, reg: Tensor, prior=None):
     """One Baum-Welch iteration for every member: ``(new params, value, ok)``; ``value`` is the
     mean log-likelihood per valid step of ``params`` (before the update)."""
+    if x.shape[-1] == 1 and prior is None:
+        out = _univariate_em_step(x, valid, w_total, params, cov, reg)
+        if out is not None:
+            return out
     joint, diff = joint_log_prob_and_diff(x, params.emission(), cov)  # (*L, K, T), (*L, K, T, D)
     post = posteriors(params.log_startprob, params.log_transmat, joint.transpose(-1, -2), valid)
     stats = statistics(diff, post.gamma.transpose(-1, -2), cov)  # posteriors as responsibilities (0 at padding)
     emission, ok = m_step(stats, params.means, cov, reg, prior)
-    log_start = torch.log(post.gamma[..., 0, :])
-    rows = post.trans_counts.sum(-1, keepdim=True)
-    log_trans = torch.where(rows > 0, torch.log(post.trans_counts) - torch.log(rows), params.log_transmat)
+    log_start, log_trans = _transitions(post.gamma[..., 0, :], post.trans_counts, params.log_transmat)
     new = HMMParams(log_start, log_trans, emission.means, emission.prec_chol)
     return new, post.log_lik / w_total, ok
+
+
+def _univariate_em_step(x: Tensor, valid: Tensor, w_total: Tensor, params: HMMParams, cov: Covariance, reg: Tensor):
+    """:func:`em_step` for univariate data without a prior, in the recursion's member-last layout
+    throughout: the emission log-densities are the mixture's quadratic in ``x``
+    (:func:`torchgmm.density.univariate_coefficients`, two fused multiply-adds over ``(T, K, S)``),
+    the statistics from the moments ``sum gamma [1, x, x^2]`` and the M-step
+    :func:`torchgmm.stats.m_step` on them; no ``(K, T, D)`` differences and no layout copies. None where
+    float32's expansion limit is exceeded (the caller then takes the general step)."""
+    lead, k = params.means.shape[:-2], params.means.shape[-2]
+    n_steps, dtype = x.shape[-2], x.dtype
+    coef = univariate_coefficients(params.emission(), cov)  # (*L, K, 3)
+    mu = params.means.squeeze(-1)  # (*L, K)
+    if dtype != torch.float64 and not bool((-coef[..., 2] * mu.square()).amax() < _FLOAT32_EXPANSION_LIMIT):
+        return None
+    n = int(torch.Size(lead).numel())
+    xm = x.squeeze(-1).expand(*lead, n_steps).reshape(n, n_steps).mT.unsqueeze(1).contiguous()  # (T, 1, S)
+    v = None
+    if not bool(valid.all()):
+        v = valid.expand(*lead, n_steps).reshape(n, n_steps).mT.unsqueeze(1).contiguous()
+    c0, c1, c2 = coef.reshape(n, k, 3).permute(2, 1, 0).contiguous().unbind(0)  # (K, S) each
+    e = scratch("emissions", (n_steps, k, n), dtype, x.device)  # (T, K, S): c0 + x (c1 + x c2)
+    torch.addcmul(c0, xm, torch.addcmul(c1, xm, c2, out=e), out=e)
+    start = params.log_startprob.reshape(n, k).mT.contiguous()
+    trans = params.log_transmat.reshape(n, k, k).permute(1, 2, 0).contiguous()
+    log_lik, gamma, counts = posteriors_member_last(start, trans, e, v)  # gamma 0 at padding
+    gx = torch.mul(gamma, xm, out=e)  # (the emissions are spent)
+    s0, s1, s2 = gamma.sum(0).mT, gx.sum(0).mT, gx.mul_(xm).sum(0).mT  # (S, K)
+    # The statistics about the current means, from the moments: nk, sum r (x - mu), and the scatter
+    # sum r (x - mu)^2 = s2 - 2 mu s1 + mu^2 s0 shaped by the covariance type (its scatter of one
+    # pseudo-point per state at that distance), then the mixture's M-step.
+    mu_s = mu.reshape(n, k)
+    sum_diff = s1 - s0 * mu_s
+    centred = (s2 - mu_s * (s1 + sum_diff)).clamp_min(0.0)
+    ones = torch.ones_like(s0).unsqueeze(-1)  # (S, K, 1)
+    scatter = cov.scatter(centred.sqrt()[..., None, None], ones)
+    stats = Stats(s0, sum_diff.unsqueeze(-1), scatter, torch.zeros_like(log_lik))
+    emission, ok = m_step(stats, mu_s.unsqueeze(-1), cov, reg.expand(lead).reshape(n), None)
+    means, prec_chol = emission.means, emission.prec_chol
+    log_start, log_trans = _transitions(gamma[0].mT, counts.permute(2, 0, 1), params.log_transmat.reshape(n, k, k))
+    new = HMMParams(log_start.reshape(*lead, k), log_trans.reshape(*lead, k, k), means.reshape(*lead, k, 1),
+                    prec_chol.reshape(*lead, *prec_chol.shape[1:]))
+    return new, log_lik.reshape(lead) / w_total, ok.reshape(lead)
 
 
 class HMMRule:
