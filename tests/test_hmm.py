@@ -344,3 +344,28 @@ def test_univariate_step_equals_the_general_step(ct):
         torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast[1], post.log_lik / w_total, rtol=1e-12, atol=1e-12)
     assert torch.equal(fast[2], ok)
+
+
+# -- method="gradient" --------------------------------------------------------------------------------
+def test_gradient_stays_at_the_em_solution_and_reaches_it_from_the_start():
+    x = _sticky_batch(6, 150, seed=4)[0][:3]  # (on 3 x 100 steps, seed 4, L-BFGS ends 0.014 nats/step lower on one)
+    em = _fit(x, n_components=3, covariance_type="diag", random_state=0, tol=1e-10, max_iter=1000)
+    at_em = dict(startprob_init=em.startprob_, transmat_init=em.transmat_, means_init=em.means_,
+                 precisions_init=em.precisions_)  # batched initial values
+    kept = _fit(x, n_components=3, covariance_type="diag", tol=1e-10, max_iter=50, method="gradient", **at_em)
+    assert kept.result_.method == "gradient"
+    assert bool((kept.score(x) >= em.score(x) - 1e-10).all())
+    torch.testing.assert_close(kept.means_, em.means_, rtol=0, atol=1e-4)
+    torch.testing.assert_close(kept.transmat_, em.transmat_, rtol=0, atol=1e-4)
+    # From the default start (k-means emissions, sticky transitions) L-BFGS reaches EM's optimum.
+    grad = _fit(x, n_components=3, covariance_type="diag", random_state=0, tol=1e-9, max_iter=300, method="gradient")
+    assert (grad.status_ == FitStatus.OK).all()
+    torch.testing.assert_close(grad.score(x), em.score(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad.means_, em.means_, rtol=0, atol=1e-3)
+    # Adam moves up the same objective.
+    adam = _fit(x, n_components=3, covariance_type="diag", random_state=0, tol=0.0, max_iter=30, method="adam")
+    assert bool((adam.lower_bounds_[:, -1] > adam.lower_bounds_[:, 0]).all())
+    with pytest.raises(ValueError, match="method must be one of"):
+        GaussianHMM(3, method="newton").fit(x)
+    with pytest.raises(ValueError, match="prior is only supported"):
+        GaussianHMM(3, method="gradient", prior="default").fit(x)

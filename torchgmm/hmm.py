@@ -35,14 +35,17 @@ from .covariance import Covariance, get_covariance
 from .density import GMMParams, joint_log_prob, joint_log_prob_and_diff, univariate_coefficients
 from .forward_backward import log_likelihood, posteriors, posteriors_member_last, scratch, viterbi
 from .init import INIT_METHODS, initialize, make_generator
+from .gradient import AdamRule, LBFGSRule
 from .loop import Batch, Members, Start, Step, all_finite, run_members
+from .objective import ParamPacker
 from .mixture import GaussianAttributes
 from .result import FitResult, FitStatus, FitWarning
 from .stats import _FLOAT32_EXPANSION_LIMIT, Stats, m_step, statistics
 from .units import Scaling, standardize
 from .validation import NotFittedError
 
-__all__ = ["GaussianHMM", "HMMParams", "HMMRule", "HMMFit", "fit_hmm", "STAY_PROBABILITY"]
+__all__ = ["GaussianHMM", "HMMParams", "HMMRule", "HMMLBFGSRule", "HMMAdamRule", "HMMFit", "fit_hmm", "METHODS",
+           "STAY_PROBABILITY"]
 
 #: Diagonal of the default initial transition matrix (the rest of each row split evenly): a
 #: sticky start, which favours regimes over state-flipping; K = 1 gives [[1]].
@@ -173,6 +176,79 @@ class HMMRule:
         return (ll / batch.w_total).reshape(-1)
 
 
+class HMMPacker:
+    """:class:`HMMParams` <-> one unconstrained vector per member, ``(*L, P)``: the mixture's
+    :class:`torchgmm.objective.ParamPacker` for ``[start logits (K), means, raw precision factor]``
+    (the start probabilities in its weights' slot), then the transition logits ``(K*K)``
+    (log-softmax over each row). A structural zero (``-inf``) is packed as a very negative finite
+    logit: its probability stays 0 and its gradient 0."""
+
+    def __init__(self, covariance_type: str | Covariance, n_components: int, n_features: int):
+        self.inner = ParamPacker(covariance_type, n_components, n_features)
+        self.cov, self.k = self.inner.cov, n_components
+        self.size = self.inner.size + n_components * n_components
+
+    def pack(self, params: HMMParams) -> Tensor:
+        n_lead = params.means.dim() - 2
+        head = self.inner.pack(GMMParams(params.log_startprob, params.means, params.prec_chol))
+        trans = params.log_transmat.clamp_min(torch.finfo(params.log_transmat.dtype).min / 4)
+        return torch.cat([head, trans.flatten(n_lead)], -1)
+
+    def unpack(self, theta: Tensor) -> HMMParams:
+        head, tail = theta.split([self.inner.size, self.k * self.k], -1)
+        g = self.inner.unpack(head)
+        log_trans = torch.log_softmax(tail.reshape(*theta.shape[:-1], self.k, self.k), -1)
+        return HMMParams(g.log_weights, log_trans, g.means, g.prec_chol)
+
+
+class _HMMGradient:
+    """What the gradient rules need of the HMM: its packer, and ``F`` = the mean log-likelihood
+    per valid step (EM's value) with its gradient, through :func:`forward_backward.log_likelihood`
+    (one forward-backward pass per evaluation: Fisher's identity) and the one log-density."""
+
+    def _begin(self, batch: Batch, params: HMMParams):
+        k, d = params.means.shape[-2:]
+        self.packer = HMMPacker(self.cov, k, d)
+        theta = self.packer.pack(params).detach()  # (S, P)
+        f, g = self._evaluate(theta, batch)
+        ok = torch.isfinite(f) & torch.isfinite(g).all(-1)
+        return theta, f, g, ok
+
+    def _evaluate(self, theta: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        theta = theta.detach().reshape(*batch.lead, self.packer.size).requires_grad_(True)
+        with torch.enable_grad():
+            p = self.packer.unpack(theta)
+            ll = log_likelihood(p.log_startprob, p.log_transmat, log_emissions(batch.x, p, self.cov), batch.w > 0)
+            f = ll / batch.w_total
+            (g,) = torch.autograd.grad(f.sum(), theta)
+        return -f.detach().reshape(-1), -g.reshape(-1, self.packer.size)
+
+    def objective(self, batch: Batch, params: HMMParams) -> Tensor:
+        return HMMRule(self.cov).objective(batch, params)
+
+
+class HMMLBFGSRule(_HMMGradient, LBFGSRule):
+    """The mixture's per-member L-BFGS (own curvature pairs, own Armijo line search, its
+    convergence rule) on the HMM's unconstrained parameters (:class:`HMMPacker`)."""
+
+
+class HMMAdamRule(_HMMGradient, AdamRule):
+    """The mixture's per-member Adam on the HMM's unconstrained parameters."""
+
+
+#: Fitting methods: Baum-Welch EM, or gradient ascent of the same log-likelihood ("gradient" is
+#: L-BFGS, as for the mixture).
+METHODS = ("em", "gradient", "lbfgs", "adam")
+
+
+def _rule(method: str, cov: Covariance, tol: float, lr):
+    if method == "em":
+        return HMMRule(cov)
+    if method in ("gradient", "lbfgs"):
+        return HMMLBFGSRule(cov, tol, lr)
+    return HMMAdamRule(cov, tol, lr)
+
+
 # -- input ------------------------------------------------------------------------------------------
 def _valid_mask(lengths, batch_shape: torch.Size, n_steps: int, device) -> tuple[Tensor, Tensor]:
     """``(valid (*B, T) bool, lengths (*B,) int64)`` from ``lengths`` (None: all steps)."""
@@ -261,6 +337,7 @@ def fit_hmm(
     reg_covar: float = 1e-6, max_iter: int = 100, n_init: int = 1, init_params: str = "kmeans",
     startprob_init=None, transmat_init=None, means_init=None, precisions_init=None, random_state=None,
     prior=None, dtype=None, device=None, catch_interrupt: bool = True, progress=None, warn: bool = True,
+    method: str = "em", lr: Optional[float] = None,
 ) -> HMMFit:
     """Fit independent Gaussian HMMs to every sequence of ``X (*B, T, D)`` at once (see
     :class:`GaussianHMM` for the settings)."""
@@ -269,6 +346,10 @@ def fit_hmm(
         max_iter=max_iter, n_init=n_init, init_params=init_params, init_methods=INIT_METHODS,
     )
     validation.check_random_state(random_state)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "em" and prior is not None:
+        raise ValueError(f"prior is only supported by method='em' (a MAP M-step), not by method={method!r}")
     cov, k = get_covariance(covariance_type), n_components
     x, valid, lens = _sequences(X, lengths, dtype=dtype, device=device)
     batch_shape, (n_steps, d) = x.shape[:-2], x.shape[-2:]
@@ -314,8 +395,8 @@ def fit_hmm(
         if prec0 is not None:
             given = cov.rescale(cov.prec_chol_from_precision(prec0.reshape(n_series, *prec0.shape[len(batch_shape):])), scale.reciprocal())
             prec_chol = given.unsqueeze(1).expand_as(prec_chol)
-    start = torch.full((k,), 1.0 / k, **factory) if start0 is None else start0.reshape(n_series, k)
-    trans = default_transmat(k, **factory) if trans0 is None else trans0.reshape(n_series, k, k)
+    start = torch.full((k,), 1.0 / k, **factory) if start0 is None else start0.reshape(n_series, 1, k)
+    trans = default_transmat(k, **factory) if trans0 is None else trans0.reshape(n_series, 1, k, k)
     init = HMMParams(
         torch.log(start).expand(n_series, n_restarts, k), torch.log(trans).expand(n_series, n_restarts, k, k),
         means, prec_chol,
@@ -327,7 +408,7 @@ def fit_hmm(
 
         prior_s = make_prior(prior, xs, w, k, cov, shift=shift, scale=scale)
     with torch.no_grad():
-        run = run_members(Members(xs, w, reg, prior_s, n_restarts), init, HMMRule(cov), tol, max_iter,
+        run = run_members(Members(xs, w, reg, prior_s, n_restarts), init, _rule(method, cov, tol, lr), tol, max_iter,
                           catch_interrupt=catch_interrupt, progress=progress)
     # The restart choice, degenerate flags, status and units are the mixture's, on the emissions;
     # the weight slot holds a neutral uniform (start probabilities may be exactly 0: -inf).
@@ -335,7 +416,7 @@ def fit_hmm(
     emission_run = run._replace(params=GMMParams(uniform, run.params.means, run.params.prec_chol))
     result = FitResult.from_members(
         emission_run, n_restarts=n_restarts, cov=cov, scaling=scaling, reg=reg, n_valid=lens,
-        empty=torch.zeros_like(insufficient), insufficient=insufficient, batch_shape=batch_shape, method="em",
+        empty=torch.zeros_like(insufficient), insufficient=insufficient, batch_shape=batch_shape, method=method,
     )
     rows, best = torch.arange(n_series, device=x.device), result.best_restart.reshape(-1)
     log_start = run.params.log_startprob.reshape(n_series, n_restarts, k)[rows, best]
@@ -386,6 +467,13 @@ class GaussianHMM(GaussianAttributes, nn.Module):
         The mixture's conjugate prior on the emissions (MAP emission M-step); none on the
         transitions.
     device, dtype : as the mixture's.
+    method : {"em", "gradient", "lbfgs", "adam"}, default "em"
+        Baum-Welch EM, or gradient ascent of the same mean log-likelihood per step on the
+        unconstrained parameters (``"gradient"`` = ``"lbfgs"``: the mixture's per-member L-BFGS;
+        ``"adam"``), through the same member loop; ``tol`` as for the mixture's gradient methods.
+        No ``prior`` with a gradient method.
+    lr : float, optional
+        The gradient method's step size (default: the mixture's, ``gradient.DEFAULT_LR``).
 
     Attributes
     ----------
@@ -402,6 +490,7 @@ class GaussianHMM(GaussianAttributes, nn.Module):
         self, n_components: int = 1, *, covariance_type: str = "full", tol: float = 1e-3, reg_covar: float = 1e-6,
         max_iter: int = 100, n_init: int = 1, init_params: str = "kmeans", startprob_init=None, transmat_init=None,
         means_init=None, precisions_init=None, random_state=None, prior=None, device=None, dtype=None,
+        method: str = "em", lr: Optional[float] = None,
     ):
         super().__init__()
         self.n_components = n_components
@@ -419,6 +508,8 @@ class GaussianHMM(GaussianAttributes, nn.Module):
         self.prior = prior
         self.device = device
         self.dtype = dtype
+        self.method = method
+        self.lr = lr
         self.result_: Optional[FitResult] = None
         for name in _PARAMETERS:
             self.register_parameter(name, None)
@@ -494,7 +585,7 @@ class GaussianHMM(GaussianAttributes, nn.Module):
             reg_covar=self.reg_covar, max_iter=self.max_iter, n_init=self.n_init, init_params=self.init_params,
             startprob_init=self.startprob_init, transmat_init=self.transmat_init, means_init=self.means_init,
             precisions_init=self.precisions_init, random_state=self.random_state, prior=self.prior,
-            dtype=self.dtype, device=self.device,
+            dtype=self.dtype, device=self.device, method=self.method, lr=self.lr,
         )
         result = out.result
         self.result_ = result
