@@ -369,3 +369,36 @@ def test_gradient_stays_at_the_em_solution_and_reaches_it_from_the_start():
         GaussianHMM(3, method="newton").fit(x)
     with pytest.raises(ValueError, match="prior is only supported"):
         GaussianHMM(3, method="gradient", prior="default").fit(x)
+
+
+# -- save / load ------------------------------------------------------------------------------------------
+def test_save_load_round_trip_and_state_dict_into_an_unfitted_model(tmp_path):
+    x, _ = _sticky_batch(4, 60, seed=5)
+    x = x.reshape(2, 2, 60, 1)
+    model = _fit(x, n_components=3, covariance_type="full", random_state=0, n_init=2, max_iter=15,
+                 transmat_init=np.full((3, 3), 1 / 3), method="em")
+    path = tmp_path / "hmm.pt"
+    model.save(path)
+    raw = torch.load(path, weights_only=True)  # plain data only
+    assert raw["format"] == "torchgmm.GaussianHMM"
+    loaded = torchgmm.load(path)
+    assert isinstance(loaded, GaussianHMM) and loaded.covariance_type == "full" and loaded.n_init == 2
+    np.testing.assert_array_equal(loaded.transmat_init, model.transmat_init)
+    for name in ("startprob_logits", "transmat_logits", "loc", "prec_chol_raw"):
+        assert torch.equal(getattr(loaded, name), getattr(model, name)) and isinstance(getattr(loaded, name), torch.nn.Parameter)
+    for name in ("converged_", "n_iter_", "lower_bound_", "status_"):
+        assert torch.equal(getattr(loaded, name), getattr(model, name))
+    assert torch.equal(loaded.predict(x), model.predict(x))
+    assert torch.equal(loaded.score(x), model.score(x))
+    assert torch.equal(loaded.predict_proba(x), model.predict_proba(x))
+    # state_dict into an unfitted model of the same settings
+    fresh = GaussianHMM(3, covariance_type="full")
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(x), model(x))
+    with pytest.raises(ValueError, match="does not fit GaussianHMM"):
+        GaussianHMM(2, covariance_type="full").load_state_dict(model.state_dict())
+    # an unfitted model saves and loads too; a mixture still loads as a mixture
+    GaussianHMM(4, covariance_type="diag").save(tmp_path / "unfitted.pt")
+    assert not torchgmm.load(tmp_path / "unfitted.pt").is_fitted
+    torchgmm.GaussianMixture(2, max_iter=3, random_state=0).fit(x[0, 0]).save(tmp_path / "gmm.pt")
+    assert isinstance(torchgmm.load(tmp_path / "gmm.pt"), torchgmm.GaussianMixture)

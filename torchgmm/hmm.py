@@ -21,6 +21,7 @@ the end), which becomes a validity mask: padded steps are absent from every recu
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -520,6 +521,39 @@ class GaussianHMM(GaussianAttributes, nn.Module):
     @property
     def _cov(self) -> Covariance:
         return get_covariance(self.covariance_type)
+
+    def _settings(self) -> dict:
+        """The constructor's settings by name, as given (``save`` writes them)."""
+        return {name: getattr(self, name) for name in list(inspect.signature(type(self).__init__).parameters)[1:]}
+
+    def save(self, path) -> None:
+        """Write the model (settings, parameters, fitted state) to one file that
+        ``torch.load(path, weights_only=True)`` reads; ``torchgmm.load(path)`` restores it as a
+        ``GaussianHMM`` (see :mod:`torchgmm.serialization`). The fit record ``result_`` is not saved."""
+        from .serialization import save
+
+        save(self, path)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # An unfitted model has no parameter tensors yet: create them with the saved shapes.
+        for name in _PARAMETERS + _BUFFERS:
+            key = prefix + name
+            if key in state_dict and getattr(self, name) is None:
+                value = torch.empty_like(state_dict[key])
+                setattr(self, name, nn.Parameter(value) if name in _PARAMETERS else value)
+        loc, raw = state_dict.get(prefix + "loc"), state_dict.get(prefix + "prec_chol_raw")
+        trans = state_dict.get(prefix + "transmat_logits")
+        if loc is not None and raw is not None:
+            k, d = loc.shape[-2:]
+            expected = tuple(loc.shape[:-2]) + self._cov.prec_chol_shape(k, d)
+            if k != self.n_components or tuple(raw.shape) != expected or (
+                    trans is not None and tuple(trans.shape) != tuple(loc.shape[:-2]) + (k, k)):
+                raise ValueError(
+                    f"state_dict holds {k} states of dimension {d} with precision factor shape {tuple(raw.shape)}, "
+                    f"which does not fit GaussianHMM(n_components={self.n_components}, "
+                    f"covariance_type={self.covariance_type!r}) (expected shape {expected})"
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     @property
     def is_fitted(self) -> bool:

@@ -104,6 +104,10 @@ def _decode(value: Any) -> Any:
 def save(model: GaussianMixture, path) -> None:
     """Write ``model`` (settings, parameters and fitted state) to ``path`` (a file name or a
     writable binary file object). Fitted or not; ``load(path)`` restores it."""
+    from .hmm import GaussianHMM
+
+    if isinstance(model, GaussianHMM):
+        return _save_hmm(model, path)
     if not isinstance(model, GaussianMixture):
         raise TypeError(f"model must be a torchgmm.GaussianMixture, got {type(model).__name__}")
     settings = {name: _encode(value, name) for name, value in model._settings().items()}
@@ -130,8 +134,8 @@ def _not_a_model(path, why: str) -> ValueError:
 
 
 def load(path, device=None) -> GaussianMixture:
-    """The :class:`~torchgmm.GaussianMixture` saved in ``path``, with its settings, parameters and
-    fitted state.
+    """The :class:`~torchgmm.GaussianMixture` (or :class:`~torchgmm.GaussianHMM`) saved in ``path``,
+    with its settings, parameters and fitted state.
 
     Its tensors are loaded onto ``device`` (default: the CPU, whatever device the model was
     fitted on; ``torch.load``'s ``map_location``). When ``device`` is given it also replaces the
@@ -145,6 +149,8 @@ def load(path, device=None) -> GaussianMixture:
         raise
     except Exception as err:  # not a torch file, or one holding arbitrary objects
         raise _not_a_model(path, f"torch.load(weights_only=True) failed: {type(err).__name__}: {str(err)[:200]}") from err
+    if isinstance(saved, dict) and saved.get("format") == HMM_FORMAT:
+        return _load_hmm(saved, path, device)
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         what = f"a dict with keys {sorted(map(str, saved))[:8]}" if isinstance(saved, dict) else f"a {type(saved).__name__}"
         raise _not_a_model(path, f"it holds {what}, without format={FORMAT!r}")
@@ -174,4 +180,49 @@ def load(path, device=None) -> GaussianMixture:
     if state and not all(name in state for name in _PARAMETERS):
         raise _not_a_model(path, f"it holds {sorted(state)} but not all of the parameters {list(_PARAMETERS)}")
     model.load_state_dict(state, strict=False)  # creates the tensors with the saved shapes, checks them
+    return model
+
+
+# -- GaussianHMM: the same file layout, its own format name -------------------------------------------
+HMM_FORMAT = "torchgmm.GaussianHMM"
+
+
+def _save_hmm(model, path) -> None:
+    """:func:`save` for a :class:`~torchgmm.GaussianHMM` (format ``HMM_FORMAT``, same layout)."""
+    from . import hmm
+
+    settings = {name: _encode(value, name) for name, value in model._settings().items()}
+    parameters = {name: getattr(model, name).detach() for name in hmm._PARAMETERS if getattr(model, name) is not None}
+    buffers = {name: getattr(model, name).detach() for name in hmm._BUFFERS if getattr(model, name, None) is not None}
+    torch.save({"format": HMM_FORMAT, "format_version": FORMAT_VERSION, "torchgmm_version": _version(),
+                "settings": settings, "parameters": parameters, "buffers": buffers}, path)
+
+
+def _load_hmm(saved: dict, path, device=None):
+    """:func:`load` of a file ``_save_hmm`` wrote (already read with ``weights_only=True``)."""
+    from . import hmm
+
+    version = saved.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path!r} was written in torchgmm model format version {version!r} (torchgmm "
+            f"{saved.get('torchgmm_version')}); this torchgmm ({_version()}) reads versions up to "
+            f"{FORMAT_VERSION}: upgrade torchgmm"
+        )
+    for key in ("settings", "parameters", "buffers"):
+        if not isinstance(saved.get(key), dict):
+            raise _not_a_model(path, f"its {key!r} entry is missing or not a dict")
+    known = set(hmm.GaussianHMM()._settings())
+    settings = {name: _decode(value) for name, value in saved["settings"].items() if name in known}
+    if device is not None:
+        settings["device"] = device
+    model = hmm.GaussianHMM(**settings)
+    state = {name: t for name, t in saved["parameters"].items() if name in hmm._PARAMETERS}
+    state.update((name, t) for name, t in saved["buffers"].items() if name in hmm._BUFFERS)
+    for name, t in state.items():
+        if not isinstance(t, Tensor):
+            raise _not_a_model(path, f"its entry {name!r} is a {type(t).__name__}, not a tensor")
+    if state and not all(name in state for name in hmm._PARAMETERS):
+        raise _not_a_model(path, f"it holds {sorted(state)} but not all of the parameters {list(hmm._PARAMETERS)}")
+    model.load_state_dict(state, strict=False)
     return model
