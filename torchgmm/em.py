@@ -11,6 +11,7 @@ Data arrive standardized (see ``fit``); no validation and no messages here.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Callable, Optional
 
@@ -206,25 +207,21 @@ def run_univariate(members: Members, init: GMMParams, covariance_type: str | Cov
     log_w, mu, var = final
     history = torch.stack(values[:t], -1)  # (B, R, T)
     ran = torch.arange(t, device=device) < stop.unsqueeze(-1)  # (B, R, T)
+    # One synchronization for every guard: a sum is finite only if all its terms are.
+    total = torch.where(ran, history, 0.0).sum() + init.log_weights.sum() + log_w.sum() + mu.sum() + var.sum()
     history = torch.where(ran, history, torch.nan)
-    trouble = (
-        ~(torch.isfinite(history) | ~ran).all()
-        | (torch.stack(lows[:t]) < (2.0**-900 if dtype == torch.float64 else 2.0**-100)).any()
-        | ~torch.isfinite(init.log_weights).all()
-        | ~(var > 0).all() | ~torch.isfinite(var).all() | ~torch.isfinite(mu).all() | ~torch.isfinite(log_w).all()
-    )
-    if guard32:
-        trouble = trouble | (torch.stack(terms[:t]) <= -_FLOAT32_EXPANSION_LIMIT).any()
-    if bool(trouble):
+    checks = [total, torch.stack(lows[:t]).amin(), var.amin()] + ([torch.stack(terms[:t]).amin()] if guard32 else [])
+    total, low, var_min, *term = torch.stack(checks).tolist()
+    if (not math.isfinite(total) or not low >= (2.0**-900 if dtype == torch.float64 else 2.0**-100)
+            or not var_min > 0 or (guard32 and not term[0] > -_FLOAT32_EXPANSION_LIMIT)):
         return None
     lower_bound = history.gather(-1, (stop - 1).unsqueeze(-1)).squeeze(-1)
     prec_chol, _ = cov.prec_chol_from_covariance(var.reshape(m, *cov.covariance_shape(k, 1)), reg.repeat_interleave(r))
     params = GMMParams(log_w.reshape(m, k), mu.reshape(m, k, 1), prec_chol)
-    hist = torch.full((m, max_iter), torch.nan, dtype=dtype, device=device)
-    passes = hist.clone()
-    hist[:, :t] = history.reshape(m, t)
-    passes[:, :t] = torch.where(ran, torch.arange(1, t + 1, dtype=dtype, device=device), torch.nan).reshape(m, t)
-    times = torch.full((max_iter,), torch.nan, dtype=torch.float64)
-    times[:t] = torch.tensor(elapsed[:t], dtype=torch.float64)
+    pad = torch.full((b, r, max_iter - t), torch.nan, dtype=dtype, device=device)
+    hist = torch.cat([history, pad], -1).reshape(m, max_iter)
+    passes = torch.cat([torch.where(ran, torch.arange(1, t + 1, dtype=dtype, device=device), torch.nan), pad], -1)
+    times = torch.tensor(elapsed[:t] + [math.nan] * (max_iter - t), dtype=torch.float64)
     return MemberRun(params, lower_bound.reshape(m), stop.reshape(m), converged.reshape(m),
-                     torch.zeros(m, dtype=torch.bool, device=device), hist, passes, times, interrupted)
+                     torch.zeros(m, dtype=torch.bool, device=device), hist, passes.reshape(m, max_iter), times,
+                     interrupted)

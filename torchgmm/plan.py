@@ -138,11 +138,17 @@ def _available_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
+# Bytes of parameters and statistics below which check_memory does not ask the system.
+_ALWAYS_AVAILABLE = 1 << 24
+
+
 def check_memory(n_members: int, k: int, d: int, cov: Covariance, itemsize: int, device: torch.device) -> None:
     """Refuse, before allocating, a fit whose parameters and statistics cannot fit in memory."""
     per_member = k * (1 + 2 * d) + math.prod(cov.prec_chol_shape(k, d)) + k * d * d
     # initial, working, updated and output copies of the parameters, and the statistics
     needed = 6 * n_members * per_member * itemsize
+    if needed < _ALWAYS_AVAILABLE:  # (reading /proc/meminfo costs more than a small fit's EM)
+        return
     available = _available_bytes(device)
     if available is not None and needed > available:
         raise MemoryError(

@@ -95,31 +95,33 @@ class FitResult:
         min_var = cov.min_variance(cov.covariance_from_prec_chol(params_m.prec_chol), k)  # (B, R, K)
         floor = torch.clamp_min(DEGENERATE_FACTOR * reg, 100 * torch.finfo(lb.dtype).eps)
         degenerate = (min_var <= floor[:, None, None]) & ~torch.isneginf(params_m.log_weights)  # (B, R, K)
-        finite = torch.isfinite(lb)
-        clean = finite & ~degenerate.any(-1) & ~failed
         score = lb if score is None else score
 
         def best_of(mask):
             return torch.where(mask, score, -torch.inf).argmax(-1)
 
-        best = torch.where(clean.any(-1), best_of(clean), best_of(finite))  # (B,)
-        rows = torch.arange(n_series, device=lb.device)
+        if n_restarts == 1:  # one restart: it is the choice (fewer small operations for small fits)
+            best = torch.zeros(n_series, dtype=torch.long, device=lb.device)
 
-        def pick(t):
-            return t.reshape(n_series, n_restarts, *t.shape[1:])[rows, best]
+            def pick(t):
+                return t.reshape(n_series, *t.shape[1:])
+        else:
+            finite = torch.isfinite(lb)
+            clean = finite & ~degenerate.any(-1) & ~failed
+            best = torch.where(clean.any(-1), best_of(clean), best_of(finite))  # (B,)
+            rows = torch.arange(n_series, device=lb.device)
+
+            def pick(t):
+                return t.reshape(n_series, n_restarts, *t.shape[1:])[rows, best]
 
         params = scaling.to_data(GMMParams(*(pick(t) for t in run.params)), cov)
         converged, failed_best = pick(run.converged), pick(run.failed)
-        degenerate_best = degenerate[rows, best] & ~empty.unsqueeze(-1)
-        status = torch.full((n_series,), int(FitStatus.OK), dtype=torch.long, device=lb.device)
-        for flag, code in (
-            (~converged, FitStatus.NOT_CONVERGED),
-            (degenerate_best.any(-1), FitStatus.DEGENERATE),
-            (failed_best, FitStatus.DIVERGED),
-            (insufficient, FitStatus.INSUFFICIENT_DATA),
-            (empty, FitStatus.EMPTY),
-        ):
-            status = torch.where(flag, torch.full_like(status, int(code)), status)
+        degenerate_best = pick(degenerate.reshape(n_series * n_restarts, k)) & ~empty.unsqueeze(-1)
+        # the highest code that applies (codes grow with severity), in one pass
+        flags = torch.stack([~converged, degenerate_best.any(-1), failed_best, insufficient, empty], -1)
+        codes = torch.tensor([FitStatus.NOT_CONVERGED, FitStatus.DEGENERATE, FitStatus.DIVERGED,
+                              FitStatus.INSUFFICIENT_DATA, FitStatus.EMPTY], dtype=torch.long)
+        status = (flags * codes.to(lb.device)).amax(-1)
         lower_bound = torch.where(empty, -torch.inf, scaling.log_lik_to_data(pick(run.lower_bound), d))
         history = torch.where(empty.unsqueeze(-1), torch.nan, scaling.log_lik_to_data(pick(run.history), d))
 
