@@ -14,7 +14,7 @@ from torchgmm import GaussianMixture, NotFittedError
 from conftest import blobs, quiet_fit
 
 COV_NAMES = r"\['diag', 'full', 'spherical', 'tied'\]"
-INIT_NAMES = r"\['kmeans', 'k-means\+\+', 'random', 'random_from_data'\]"
+INIT_NAMES = r"\['kmeans', 'k-means\+\+', 'random', 'random_from_data', 'hierarchical'\] \(or a list of them"
 
 
 @pytest.fixture
@@ -93,6 +93,7 @@ def test_scalar_x_raises():
     [
         (dict(covariance_type="bad"), rf"covariance_type='bad' is not supported; choose one of {COV_NAMES}"),
         (dict(init_params="bad"), rf"init_params='bad' is not supported; choose one of {INIT_NAMES}"),
+        (dict(init_params=["kmeans", "bad"]), r"init_params=\['kmeans', 'bad'\] is not supported"),
         (dict(reg_covar=-1e-3), r"reg_covar must be >= 0.*reg_covar=-0.001"),
         (dict(tol=-1.0), r"tol must be >= 0.*tol=-1.0"),
         (dict(max_iter=-1), r"max_iter must be >= 0.*max_iter=-1"),
