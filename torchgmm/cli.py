@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import FitStatus, GaussianMixture
+from .init import INIT_METHODS
 from .datasets import REPEATED_VALUE, seed_series, synthetic_series
 from .io import (DataError, SeriesData, TABLE_SUFFIXES, atomic_path, check_output_path, full_covariances,
                  read_series, write_table)
@@ -188,7 +189,7 @@ def _add_fit_options(p) -> None:
                    help="convergence: change of the mean log-likelihood per point")
     g.add_argument("--reg-covar", type=float, default=1e-6, help="added to the covariance diagonals")
     g.add_argument("--init-params", default="kmeans",
-                   choices=["kmeans", "k-means++", "random", "random_from_data"], help="initialization")
+                   choices=list(INIT_METHODS), help="initialization")
     g.add_argument("--method", default="em", choices=["em", "squarem", "gradient"], help="fitting method")
     g.add_argument("--prior", default="none", choices=["none", "default"],
                    help="'default': MAP estimation with the conjugate prior (no collapsed components)")

@@ -454,7 +454,7 @@ class GaussianHMM(GaussianAttributes, nn.Module):
     max_iter : int, default 100
     n_init : int, default 1
         Restarts per sequence (a batch dim); the best non-degenerate one is kept.
-    init_params : {"kmeans", "k-means++", "random", "random_from_data"}, default "kmeans"
+    init_params : {"kmeans", "k-means++", "random", "random_from_data", "hierarchical"}, default "kmeans"
         How the emissions are initialized (as the mixture's components).
     startprob_init : (K,) or (*B, K), optional
         Default: uniform.

@@ -114,8 +114,12 @@ class GaussianMixture(GaussianAttributes, nn.Module):
         Iterations per restart; 0 returns the initialization.
     n_init : int, default 1
         Restarts per series; the best (non-degenerate) one is kept.
-    init_params : {"kmeans", "k-means++", "random", "random_from_data"}, default "kmeans"
-        How restarts are initialized.
+    init_params : {"kmeans", "k-means++", "random", "random_from_data", "hierarchical"} or a list, default "kmeans"
+        How restarts are initialized. With ``n_init > 1`` the restarts differ: restart 0 is the
+        method's deterministic start, the others cycle through fresh k-means++ / distinct-point
+        seeds with short Lloyd runs (see docs/quality.md); a list of methods is cycled over the
+        restarts. "hierarchical" is mclust's model-based agglomerative start (slow beyond a few
+        thousand points, which it subsamples).
     weights_init, means_init, precisions_init : array-like, optional
         Initial weights ``(K,)``, means ``(K, D)`` and precisions (the covariance type's shape),
         each with or without the batch dims ``(*B)`` in front (broadcast).
