@@ -157,14 +157,6 @@ class Covariance:
         """
         raise NotImplementedError
 
-    def univariate_variance(self, nk: Tensor, shift: Tensor, centred: Tensor, reg_covar: Tensor) -> Tensor:
-        """:meth:`covariance` for univariate data (``D = 1``) on plain per-component tensors:
-        ``nk``, ``shift`` and the scatter ``centred = sum_n r_nk (x_n - ref_k)^2`` each ``(*B, K)``,
-        ``reg_covar`` broadcasting against ``(*B, 1)``; the variance ``(*B, K)`` (tied: ``(*B, 1)``).
-        The same arithmetic as :meth:`covariance` (tested equal), without its ``D x D`` shapes: the
-        fused univariate EM (``em.run_univariate``) calls it once per iteration."""
-        raise NotImplementedError
-
     def prec_chol_from_covariance(self, cov: Tensor, reg_covar: Tensor) -> tuple[Tensor, Tensor]:
         """``(prec_chol, ok)``; ``ok (*B)`` is False for members whose covariance is not SPD even
         after jitter (their ``prec_chol`` is finite but meaningless)."""
@@ -267,10 +259,6 @@ class Full(Covariance):
         cov = 0.5 * (cov + cov.mT)
         return cov + _diag_matrix(reg_covar[..., None], cov)
 
-    def univariate_variance(self, nk, shift, centred, reg_covar):
-        # 1 x 1: the symmetrization is exact, the diagonal matrix is reg_covar itself
-        return (centred - nk * shift * shift) / nk + reg_covar
-
     def valid_precision(self, precision):
         symmetric = torch.allclose(precision, precision.mT, rtol=1e-5, atol=1e-8)
         return symmetric and bool((torch.linalg.cholesky_ex(precision).info == 0).all())
@@ -341,9 +329,6 @@ class Tied(Full):
         cov = 0.5 * (cov + cov.mT)
         return cov + _diag_matrix(reg_covar, cov)
 
-    def univariate_variance(self, nk, shift, centred, reg_covar):
-        return (centred - nk * shift * shift).sum(-1, keepdim=True) / nk.sum(-1, keepdim=True) + reg_covar
-
     def points_for_full_rank(self, n_components, n_features):
         return n_components + n_features  # the pooled scatter has N - K degrees of freedom
 
@@ -394,9 +379,6 @@ class Diag(Covariance):
     def covariance(self, nk, shift, scatter, reg_covar, count=None):
         var = (scatter - nk[..., None] * shift.square()).clamp_min(0.0) / (nk if count is None else count)[..., None]
         return var + reg_covar[..., None, None]
-
-    def univariate_variance(self, nk, shift, centred, reg_covar):
-        return (centred - nk * shift.square()).clamp_min(0.0) / nk + reg_covar
 
     def prior_scale_shape(self, n_features):
         return (n_features,)

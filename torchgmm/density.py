@@ -94,8 +94,8 @@ def univariate_quadratic(log_weights: Tensor, means: Tensor, variances: Tensor) 
     variances of a tied model may be ``(*B, 1)``): ``(c0, c1, c2)``. The same terms (for
     ``D = 1`` every covariance type's ``log det U`` is ``-log(var) / 2`` and its Mahalanobis term of
     a unit difference ``q = 1 / var``): ``c0 = log w - (log var + q mu^2) / 2 - log(2 pi) / 2``,
-    ``c1 = q mu``, ``c2 = -q / 2``, in seven small operations, for the fused univariate EM
-    (``em.run_univariate``); tested equal to :func:`univariate_coefficients`."""
+    ``c1 = q mu``, ``c2 = -q / 2``, in seven small operations, for the lean univariate EM rule
+    (``em.UnivariateEMRule``); tested equal to :func:`univariate_coefficients`."""
     q = variances.reciprocal()
     c1 = q * means
     c0 = torch.add(log_weights, torch.addcmul(variances.log(), c1, means), alpha=-0.5).sub_(0.5 * LOG_2PI)

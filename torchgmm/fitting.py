@@ -27,7 +27,7 @@ from ._ops import even_slices
 from .covariance import Covariance, get_covariance
 from .density import GMMParams
 from .init import INIT_METHODS, initialize, make_generator
-from .em import run_univariate
+from .em import UnivariateEMRule
 from .loop import Members, run_members
 from .methods import EM, as_method, method_settings
 from .plan import DEFAULT_MEMORY_BUDGET, Plan, check_memory, intra_op_threads, make_plan, threads
@@ -148,18 +148,15 @@ def _initialize(xs, data: _Data, k, n_init, init_params, cov, reg, random_state,
     return init._replace(**{name: t.unsqueeze(1).expand_as(getattr(init, name)) for name, t in given.items()})
 
 
-# Point-components (members x N x K) up to which univariate EM runs fused (``em.run_univariate``):
-# per-call overhead dominates there, and every member's temporaries stay in cache without blocks.
+# Point-components (members x N x K) up to which univariate EM runs its lean rule
+# (``em.UnivariateEMRule``): per-call overhead dominates there, and the temporaries stay in cache.
 FUSED_MAX_WORK = 1 << 16
 
 
-def _fused_univariate(d, work, method, max_iter, prior, progress, reference, candidates) -> bool:
-    """Whether plain EM on univariate data runs fused (``em.run_univariate``): small problems with
-    nothing the general loop alone handles (a prior, prune_after, a progress callback, a warm
-    start's reference bound, model selection's masked components)."""
-    return (d == 1 and work <= FUSED_MAX_WORK and max_iter > 0 and type(method) is EM and not method.penalized
-            and method.prune_after is None and prior is None and progress is None and reference is None
-            and candidates is None)
+def _lean_univariate(d: int, work: float, method, prior) -> bool:
+    """Whether plain EM on univariate data runs the lean rule (``em.UnivariateEMRule``): small
+    problems without a prior (its statistics augmentation is the general rule's)."""
+    return d == 1 and work <= FUSED_MAX_WORK and type(method) is EM and not method.penalized and prior is None
 
 
 CRITERIA = ("bic", "aic")
@@ -334,15 +331,14 @@ def fit(
 
             prior_s = make_prior(prior, xs, data.w, k, cov, shift=scaling.shift, scale=scaling.scale)
         members = Members(xs, data.w, reg, prior_s, init.means.shape[1])
+        general = method.rule(cov, tol, chunk_size=plan.chunk_size, compile=plan.compile, block_members=plan.block_members)
+        lean = _lean_univariate(d, n_series * init.means.shape[1] * n * k, method, prior_s)
+        rule = UnivariateEMRule(cov) if lean else general
         with torch.no_grad():
-            run = None
-            if _fused_univariate(d, n_series * init.means.shape[1] * n * k, method, max_iter, prior_s, progress,
-                                 reference, candidates):
-                run = run_univariate(members, init, cov, tol, max_iter, catch_interrupt)
-            if run is None:  # the general loop (also where the fused run met a case it leaves to it)
-                rule = method.rule(cov, tol, chunk_size=plan.chunk_size, compile=plan.compile,
-                                   block_members=plan.block_members)
-                run = run_members(members, init, rule, tol, max_iter, reference=reference,
+            run = run_members(members, init, rule, tol, max_iter, reference=reference, catch_interrupt=catch_interrupt,
+                              progress=progress, **method.loop_options())
+            if lean and rule.tripped():  # a guard fired: the general rule, which handles it, from the same start
+                run = run_members(members, init, general, tol, max_iter, reference=reference,
                                   catch_interrupt=catch_interrupt, progress=progress, **method.loop_options())
         n_restarts = init.means.shape[1]
         score, chosen = None, {}

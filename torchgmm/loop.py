@@ -264,6 +264,10 @@ def run_members(
         track = track._replace(spent=track.spent + start.passes)
     active = ~track.failed
 
+    # Histories of the working members since the last write-back: (iteration, values, passes), each
+    # masked by activity; written into `history` / `passes` in one go (not one scatter per iteration).
+    pending: list = []
+
     def write_back():
         if len(idx) == 0:  # an empty batch: nothing to write (and empty tensors may alias)
             return
@@ -271,13 +275,18 @@ def run_members(
             o[idx] = p
         for o, t in zip(out_track, track):
             o[idx] = t
+        if pending:
+            its = torch.tensor([it for it, _, _ in pending], device=device)
+            rows, cols = idx.unsqueeze(-1), its.unsqueeze(0)
+            history[rows, cols] = torch.stack([v for _, v, _ in pending], -1)
+            passes[rows, cols] = torch.stack([p for _, _, p in pending], -1)
+            pending.clear()
 
     interrupted = False
     clock = time.perf_counter()
+    n_active = int(active.sum())
     try:
-        for it in range(max_iter):
-            if not bool(active.any()):
-                break
+        for it in range(max_iter if n_active else 0):
             s = rule.step(batch, state, active)
             good = active & s.ok
             accepted = good if s.accepted is None else good & s.accepted
@@ -287,10 +296,9 @@ def run_members(
                 converged_now = good & s.converged
             failed_now = active & ~s.ok
             spent = track.spent + (1.0 if s.passes is None else torch.where(active, s.passes, 0.0))
-            history[idx, it] = torch.where(active, s.value, torch.nan)
-            passes[idx, it] = torch.where(active, spent, torch.nan)
+            record = (it, torch.where(active, s.value, torch.nan), torch.where(active, spent, torch.nan))
             # One assignment, so that an interrupt leaves a consistent state.
-            state, track, active = (
+            state, track, active, _ = (
                 tree_where(good, s.state, state),
                 _Track(
                     torch.where(active & torch.isfinite(s.value), s.value, track.lower_bound),
@@ -301,6 +309,7 @@ def run_members(
                     spent,
                 ),
                 active & ~converged_now & ~failed_now,
+                pending.append(record),
             )
             elapsed[it] = time.perf_counter() - clock
             if progress is not None:
@@ -312,7 +321,9 @@ def run_members(
                 keep[torch.arange(score.shape[0], device=device), score.argmax(-1)] = True
                 active = active & keep.reshape(-1)[idx]
             n_active = int(active.sum())
-            if 0 < n_active <= compact_below * len(idx):
+            if n_active == 0:
+                break
+            if n_active <= compact_below * len(idx):
                 write_back()
                 keep = active.nonzero().squeeze(-1)
                 if len(keep) == 1:  # keep >= 2 rows: a batch of 1 would recompile a fused step

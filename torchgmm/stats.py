@@ -22,7 +22,7 @@ from .density import GMMParams, joint_log_prob_and_diff, univariate_coefficients
 
 __all__ = [
     "Stats", "statistics", "e_step_statistics", "univariate_statistics", "fast_e_step_statistics", "partition_statistics", "m_step",
-    "univariate_m_step", "chunked_sum", "point_chunks",
+    "chunked_sum", "point_chunks",
     "params_from_responsibilities",
 ]
 
@@ -169,26 +169,6 @@ def m_step(
     prec_chol, ok = cov.prec_chol_from_covariance(covariance, reg_covar)
     log_weights = torch.log(nk) - torch.log(nk.sum(-1, keepdim=True))  # the data's counts, never the prior's
     return GMMParams(log_weights, ref + shift, prec_chol), ok
-
-
-def univariate_m_step(s0: Tensor, s1: Tensor, s2: Tensor, means: Tensor, covariance_type: str | Covariance,
-                      reg_covar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`m_step` for univariate data on plain per-component tensors: from the responsibility
-    moments ``s0 = sum r``, ``s1 = sum r x``, ``s2 = sum r x^2`` and the current ``means``, each
-    ``(*B, K)`` (``reg_covar`` broadcasting against ``(*B, 1)``), the new ``(log_weights, means,
-    variances)``; the variances of a tied model are ``(*B, 1)``. The same statistics about the
-    current means as :func:`univariate_statistics` (shifted: ``sum r (x - mu)`` and
-    ``sum r (x - mu)^2``), the same ``10 eps`` guard and the registry's covariance estimate
-    (``Covariance.univariate_variance``), in ~15 small operations instead of ~40 (tested equal to
-    :func:`m_step`). The caller checks ``variances > 0`` (``m_step``'s ``ok``)."""
-    cov = get_covariance(covariance_type)
-    sum_diff = s1 - s0 * means  # sum r (x - mu)
-    centred = s2 - means * (s1 + sum_diff)  # sum r (x - mu)^2 = s2 - 2 mu s1 + mu^2 s0
-    nk = s0 + 10 * torch.finfo(s0.dtype).eps
-    shift = sum_diff / nk
-    variances = cov.univariate_variance(nk, shift, centred, reg_covar)
-    log_weights = torch.log(nk) - torch.log(nk.sum(-1, keepdim=True))
-    return log_weights, means + shift, variances
 
 
 def partition_statistics(x: Tensor, w: Tensor, labels: Tensor, centers: Tensor, covariance_type: str | Covariance) -> Stats:
