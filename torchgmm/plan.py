@@ -104,11 +104,28 @@ def intra_op_threads(work: float, device: torch.device) -> int:
         return current
     try:
         with open("/proc/loadavg") as f:
-            running = int(f.read().split()[3].split("/")[0])  # runnable tasks now, this one included
+            running = int(f.read().split()[3].split("/")[0])  # runnable tasks now, this process's included
     except (OSError, ValueError, IndexError):
         return current
-    free = (os.cpu_count() or current) - max(0, running - 1)
+    # This process's own runnable threads (its caller, and OpenMP workers still spinning after the
+    # last parallel region) are not competition: only the other processes' are.
+    free = (os.cpu_count() or current) - max(0, running - _own_running_threads())
     return max(1, min(current, free))
+
+
+def _own_running_threads() -> int:
+    """Threads of this process in state R (at least 1: the caller), from ``/proc/self/task``."""
+    count = 0
+    try:
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/stat") as f:
+                    count += f.read().rsplit(")", 1)[1].split()[0] == "R"
+            except (OSError, IndexError):
+                continue
+    except OSError:
+        return 1
+    return max(1, count)
 
 
 @contextlib.contextmanager
