@@ -283,7 +283,7 @@ def fit(
             raise ValueError(f"criterion={criterion!r} is not supported; choose one of {list(CRITERIA)}")
         given = [name for name, v in (("weights_init", weights_init), ("means_init", means_init),
                                       ("precisions_init", precisions_init), ("warm_start", warm_start)) if v is not None]
-        if given or (method != "em" and not isinstance(method, type(as_method("em")))):
+        if given or not (method == "em" or isinstance(method, EM)):
             raise ValueError(
                 f"a list of n_components (model selection) is fitted by EM from its own initializations; "
                 f"{(given or ['method=' + repr(method)])[0]} cannot be combined with it: fit each K separately"
@@ -341,18 +341,15 @@ def fit(
                 run = run_members(members, init, general, tol, max_iter, reference=reference,
                                   catch_interrupt=catch_interrupt, progress=progress, **method.loop_options())
         n_restarts = init.means.shape[1]
-        score, chosen = None, {}
-        if candidates is not None:
-            crit = _candidate_criteria(run, xs, data, candidates, n_restarts, cov, scaling, criterion, plan)  # (B, C, R)
-            score = -crit.flatten(1)
-            best = crit.amin(-1)  # (B, C)
-            chosen = {"criterion": best, "n_components": torch.tensor(candidates, device=dev)[best.argmin(-1)]}
+        crit = None if candidates is None else _candidate_criteria(run, xs, data, candidates, n_restarts, cov, scaling,
+                                                                   criterion, plan)  # (B, C, R)
         result = FitResult.from_members(
             run, n_restarts=n_restarts, cov=cov, scaling=scaling, reg=reg, n_valid=data.n_valid, empty=data.empty,
-            insufficient=data.insufficient, batch_shape=data.batch_shape, method=method.name, score=score,
+            insufficient=data.insufficient, batch_shape=data.batch_shape, method=method.name,
+            score=None if crit is None else -crit.flatten(1),  # model selection: the lowest criterion wins
         )
         if candidates is not None:
-            result.criterion = chosen["criterion"].reshape(*data.batch_shape, len(candidates))
+            result.criterion = crit.amin(-1).reshape(*data.batch_shape, len(candidates))  # each candidate's best
             k_best = torch.tensor(candidates, device=dev)[result.best_restart.reshape(-1) // n_init]
             result.n_components = k_best.reshape(data.batch_shape)
         if warn:
