@@ -402,3 +402,36 @@ def test_save_load_round_trip_and_state_dict_into_an_unfitted_model(tmp_path):
     assert not torchgmm.load(tmp_path / "unfitted.pt").is_fitted
     torchgmm.GaussianMixture(2, max_iter=3, random_state=0).fit(x[0, 0]).save(tmp_path / "gmm.pt")
     assert isinstance(torchgmm.load(tmp_path / "gmm.pt"), torchgmm.GaussianMixture)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_associative_scan_equals_the_recursion_over_time(padded):
+    """The O(log T) scans that long sequences take on a GPU give the loop's numbers (float64)."""
+    from torchgmm import forward_backward as fb
+
+    gen = torch.Generator().manual_seed(0)
+    t, k, s = 45, 3, 6
+    start = torch.log_softmax(torch.randn(k, s, dtype=torch.float64, generator=gen), 0)
+    trans = torch.log_softmax(torch.randn(k, k, s, dtype=torch.float64, generator=gen), 1)
+    e = torch.randn(t, k, s, dtype=torch.float64, generator=gen) * 4
+    v = (torch.arange(t)[:, None, None] < torch.tensor([45, 30, 9, 1, 44, 2])[None, None, :]) if padded else None
+    loop = fb._posteriors_log(start, trans, e, v)
+    scan = fb._posteriors_log(start, trans, e, v, scan=True)
+    for a, b in zip(loop, scan):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_a_fit_through_the_scan_equals_the_fit_through_the_loop(monkeypatch):
+    from torchgmm import forward_backward as fb
+
+    gen = torch.Generator().manual_seed(3)
+    states = (torch.arange(300) // 60) % 2
+    x = (states.double() * 4 + torch.randn(2, 300, dtype=torch.float64, generator=gen))[..., None]
+    with pytest.warns(torchgmm.ConvergenceWarning):  # five iterations, tol=0: by design
+        loop = torchgmm.GaussianHMM(2, covariance_type="diag", random_state=0, max_iter=5, tol=0.0).fit(x)
+    monkeypatch.setattr(fb, "_use_scan", lambda e: True)  # as on CUDA for long sequences
+    with pytest.warns(torchgmm.ConvergenceWarning):
+        scan = torchgmm.GaussianHMM(2, covariance_type="diag", random_state=0, max_iter=5, tol=0.0).fit(x)
+    torch.testing.assert_close(scan.transmat_, loop.transmat_, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(scan.means_, loop.means_, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(scan.score(x), loop.score(x), rtol=1e-10, atol=1e-10)

@@ -19,7 +19,9 @@ two recursions run in one loop, stacked into one tensor, three small ops per ste
 step. A member whose scaled variables came within ``tiny / eps`` of underflow (a structural zero
 or an outlier that every reachable state explains with ``exp(-700)``) is recomputed in log space
 (``logsumexp`` per step), so the result is the log-space one wherever the scaled one could have
-lost digits. Viterbi stays in log space (max-plus needs no scaling).
+lost digits. Viterbi stays in log space (max-plus needs no scaling). On CUDA, sequences of at least
+:data:`SCAN_MIN_STEPS` steps run the forward and backward recursions as associative scans in the
+log semiring (``log2 T`` batched matrix products each, not a launch per step).
 
 The members are the contiguous last dim inside the recursions, so that small K still vectorizes.
 Pure tensor functions; no validation here.
@@ -34,11 +36,21 @@ import torch
 from torch import Tensor
 
 __all__ = ["Posteriors", "forward_log", "log_likelihood", "posteriors", "posteriors_member_last", "viterbi",
-           "RENORMALIZE_EVERY"]
+           "RENORMALIZE_EVERY", "SCAN_MIN_STEPS"]
 
 #: Steps between renormalizations of the scaled forward and backward variables, per dtype (a
 #: normalizer below ``tiny / eps`` over that many steps sends the member to the log-space path).
 RENORMALIZE_EVERY = {torch.float64: 8, torch.float32: 1, torch.float16: 1, torch.bfloat16: 1}
+
+#: On CUDA, sequences at least this long run the recursions as associative scans (O(log T) kernel
+#: launches instead of a few per time step); on the CPU the scaled loop is faster (the scan does K
+#: times the arithmetic).
+SCAN_MIN_STEPS = 256
+
+
+def _use_scan(e: Tensor) -> bool:
+    """Whether member-last emissions ``e (T, K, S)`` take the scan (long sequences on a GPU)."""
+    return e.device.type == "cuda" and e.shape[0] >= SCAN_MIN_STEPS
 
 
 def _member_last(log_start: Tensor, log_trans: Tensor, log_emit: Tensor, valid: Optional[Tensor]):
@@ -83,20 +95,70 @@ def _forward(start: Tensor, trans_t: Tensor, e: Tensor, v: Optional[Tensor]) -> 
     return alpha
 
 
-def _posteriors_log(start: Tensor, trans: Tensor, e: Tensor, v: Optional[Tensor]):
-    """Member-last log-space forward-backward: ``(log_lik (S,), gamma (T, K, S), counts (K, K, S))``."""
+def _semiring(a: Tensor, b: Tensor) -> Tensor:
+    """Log-semiring matrix product ``(a (x) b)[i, j] = logsumexp_k a[i, k] + b[k, j]`` of member-last
+    matrices ``(..., K, K, S)``."""
+    return _logsumexp(a.unsqueeze(-2) + b.unsqueeze(-4), -3)
+
+
+def _step_matrices(trans: Tensor, e: Tensor, v: Optional[Tensor]) -> Tensor:
+    """``M_t[i, j] = log A_ij + e_{t}(j)`` for ``t = 1 .. T-1``, ``(T-1, K, K, S)``; the log identity
+    at padded steps (the state carries through them unchanged)."""
+    m = trans.unsqueeze(0) + e[1:].unsqueeze(1)
+    if v is not None:
+        k = trans.shape[0]
+        eye = torch.full((k, k, 1), -torch.inf, dtype=e.dtype, device=e.device)
+        eye[torch.arange(k), torch.arange(k)] = 0.0
+        m = torch.where(v[1:].unsqueeze(1), m, eye)
+    return m
+
+
+def _scan(m: Tensor, later_first: bool = False) -> Tensor:
+    """Inclusive scan of ``m (T', K, K, S)`` under the log-semiring product, in ``log2 T'`` batched
+    products (Hillis-Steele): ``P_t = m_0 (x) ... (x) m_t``, or with ``later_first`` the products
+    taken in the other order (``m_t (x) ... (x) m_0``, for suffixes of a reversed sequence)."""
+    d = 1
+    while d < m.shape[0]:
+        earlier, current = m[:-d], m[d:]
+        m = torch.cat([m[:d], _semiring(current, earlier) if later_first else _semiring(earlier, current)])
+        d *= 2
+    return m
+
+
+def _forward_backward_scan(start: Tensor, trans: Tensor, e: Tensor, v: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The log-space forward and backward variables ``(alpha, beta)``, each ``(T, K, S)``, by two
+    associative scans instead of two loops over time: ``O(log T)`` batched kernels (for long
+    sequences on a GPU, where one launch per step would dominate) at ``K`` times the arithmetic."""
+    alpha0 = start + e[0]  # (K, S)
+    if e.shape[0] == 1:
+        return alpha0.unsqueeze(0), torch.zeros_like(alpha0).unsqueeze(0)
+    m = _step_matrices(trans, e, v)  # (T-1, K, K, S)
+    prefix = _scan(m)  # M_1 (x) ... (x) M_t
+    alpha = _logsumexp(alpha0.unsqueeze(-2).unsqueeze(0) + prefix, 1)  # (T-1, K_j, S)
+    suffix = _scan(m.flip(0), later_first=True).flip(0)  # M_{t+1} (x) ... (x) M_{T-1}, for t = 0 .. T-2
+    beta = _logsumexp(suffix, 2)  # (T-1, K_i, S)
+    return torch.cat([alpha0.unsqueeze(0), alpha]), torch.cat([beta, torch.zeros_like(alpha0).unsqueeze(0)])
+
+
+def _posteriors_log(start: Tensor, trans: Tensor, e: Tensor, v: Optional[Tensor], scan: bool = False):
+    """Member-last log-space forward-backward: ``(log_lik (S,), gamma (T, K, S), counts (K, K, S))``;
+    ``scan``: the recursions as associative scans (:func:`_forward_backward_scan`)."""
     n_steps, k = e.shape[0], e.shape[1]
-    alpha = _forward(start, trans.transpose(0, 1), e, v)
-    log_lik = _logsumexp(alpha[-1], 0)  # (S,)
-    zero = torch.zeros((), dtype=e.dtype, device=e.device)
-    # beta_t = log p(x_{t+1..} | z_t): 0 at the last step and wherever the next step is padding.
-    beta = [torch.zeros_like(alpha[-1])]
-    for t in range(n_steps - 2, -1, -1):
-        new = _logsumexp(trans + (e[t + 1] + beta[-1]).unsqueeze(0), 1)
-        beta.append(new if v is None else torch.where(v[t + 1], new, zero))
-    beta.reverse()
-    a = torch.stack(alpha)  # (T, K, S)
-    b = torch.stack(beta)
+    if scan:
+        a, b = _forward_backward_scan(start, trans, e, v)
+        log_lik = _logsumexp(a[-1], 0)
+    else:
+        alpha = _forward(start, trans.transpose(0, 1), e, v)
+        log_lik = _logsumexp(alpha[-1], 0)  # (S,)
+        zero = torch.zeros((), dtype=e.dtype, device=e.device)
+        # beta_t = log p(x_{t+1..} | z_t): 0 at the last step and wherever the next step is padding.
+        beta = [torch.zeros_like(alpha[-1])]
+        for t in range(n_steps - 2, -1, -1):
+            new = _logsumexp(trans + (e[t + 1] + beta[-1]).unsqueeze(0), 1)
+            beta.append(new if v is None else torch.where(v[t + 1], new, zero))
+        beta.reverse()
+        a = torch.stack(alpha)  # (T, K, S)
+        b = torch.stack(beta)
     zero = torch.zeros((), dtype=e.dtype, device=e.device)
     gamma = torch.exp(a + b - log_lik)
     if v is not None:
@@ -272,10 +334,14 @@ def posteriors_member_last(start: Tensor, trans: Tensor, e: Tensor, v: Optional[
     Baum-Welch step): ``start (K, S)``, ``trans (K_i, K_j, S)`` (log), ``e (T, K, S)`` (log emissions),
     ``v (T, 1, S)`` bool or None -> ``(log_lik (S,), gamma (T, K, S), counts (K, K, S))``; gamma is
     a :func:`scratch` buffer (read it before the next call on this thread)."""
+    if _use_scan(e):
+        return _posteriors_log(start, trans, e, v, scan=True)
     return _posteriors_scaled(start, trans, e, v, reuse=True)
 
 
 def _log_likelihood_ml(start: Tensor, trans: Tensor, e: Tensor, v: Optional[Tensor]) -> Tensor:
+    if _use_scan(e):
+        return _logsumexp(_forward_backward_scan(start, trans, e, v)[0][-1], 0)
     log_lik, bad, _, _ = _scaled(start, trans, e, v, backward=False)
     if bool(bad.any()):
         idx = bad.nonzero().squeeze(-1)
@@ -307,8 +373,10 @@ def posteriors(log_start: Tensor, log_trans: Tensor, log_emit: Tensor, valid: Op
     transition counts (the E-step of Baum-Welch). ``log_space=True``: the log-semiring recursion
     for every member (the reference; slower)."""
     start, trans, e, v, lead, _, _ = _member_last(log_start, log_trans, log_emit, valid)
-    fb = _posteriors_log if log_space else _posteriors_scaled
-    log_lik, gamma, counts = fb(start, trans, e, v)
+    if log_space or _use_scan(e):
+        log_lik, gamma, counts = _posteriors_log(start, trans, e, v, scan=_use_scan(e))
+    else:
+        log_lik, gamma, counts = _posteriors_scaled(start, trans, e, v)
     return Posteriors(log_lik.reshape(lead), _to_lead(gamma, lead, 2), _to_lead(counts, lead, 2))
 
 
