@@ -435,3 +435,22 @@ def test_a_fit_through_the_scan_equals_the_fit_through_the_loop(monkeypatch):
     torch.testing.assert_close(scan.transmat_, loop.transmat_, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(scan.means_, loop.means_, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(scan.score(x), loop.score(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_viterbi_by_scans_equals_viterbi_over_time(padded, monkeypatch):
+    """Viterbi without a loop over time (max-plus scan, back-pointers at once, composed maps) gives
+    the loop's path and score."""
+    from torchgmm import forward_backward as fb
+
+    gen = torch.Generator().manual_seed(4)
+    s, t, k = 8, 50, 3
+    ls = torch.log_softmax(torch.randn(s, k, dtype=torch.float64, generator=gen), -1)
+    lt = torch.log_softmax(torch.randn(s, k, k, dtype=torch.float64, generator=gen), -1)
+    le = torch.randn(s, t, k, dtype=torch.float64, generator=gen) * 3
+    valid = (torch.arange(t)[None, :] < torch.tensor([50, 31, 9, 1, 49, 2, 50, 17])[:, None]) if padded else None
+    path, score = fb.viterbi(ls, lt, le, valid)
+    monkeypatch.setattr(fb, "_use_scan", lambda e: True)
+    path_scan, score_scan = fb.viterbi(ls, lt, le, valid)
+    assert torch.equal(path, path_scan)
+    torch.testing.assert_close(score, score_scan, rtol=1e-12, atol=1e-12)

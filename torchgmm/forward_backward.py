@@ -101,6 +101,11 @@ def _semiring(a: Tensor, b: Tensor) -> Tensor:
     return _logsumexp(a.unsqueeze(-2) + b.unsqueeze(-4), -3)
 
 
+def _max_plus(a: Tensor, b: Tensor) -> Tensor:
+    """Max-plus matrix product ``max_k a[i, k] + b[k, j]`` (Viterbi's semiring), member-last."""
+    return (a.unsqueeze(-2) + b.unsqueeze(-4)).amax(-3)
+
+
 def _step_matrices(trans: Tensor, e: Tensor, v: Optional[Tensor]) -> Tensor:
     """``M_t[i, j] = log A_ij + e_{t}(j)`` for ``t = 1 .. T-1``, ``(T-1, K, K, S)``; the log identity
     at padded steps (the state carries through them unchanged)."""
@@ -113,16 +118,42 @@ def _step_matrices(trans: Tensor, e: Tensor, v: Optional[Tensor]) -> Tensor:
     return m
 
 
-def _scan(m: Tensor, later_first: bool = False) -> Tensor:
-    """Inclusive scan of ``m (T', K, K, S)`` under the log-semiring product, in ``log2 T'`` batched
-    products (Hillis-Steele): ``P_t = m_0 (x) ... (x) m_t``, or with ``later_first`` the products
-    taken in the other order (``m_t (x) ... (x) m_0``, for suffixes of a reversed sequence)."""
+def _scan(m: Tensor, later_first: bool = False, product=_semiring) -> Tensor:
+    """Inclusive scan of ``m (T', ...)`` under an associative ``product`` (default the log-semiring
+    matrix product), in ``log2 T'`` batched products (Hillis-Steele): ``P_t = m_0 (x) ... (x) m_t``,
+    or with ``later_first`` the products taken in the other order (``m_t (x) ... (x) m_0``, for
+    suffixes of a reversed sequence)."""
     d = 1
     while d < m.shape[0]:
         earlier, current = m[:-d], m[d:]
-        m = torch.cat([m[:d], _semiring(current, earlier) if later_first else _semiring(earlier, current)])
+        m = torch.cat([m[:d], product(current, earlier) if later_first else product(earlier, current)])
         d *= 2
     return m
+
+
+def _compose(f: Tensor, g: Tensor) -> Tensor:
+    """``(f o g)[j] = f[g[j]]`` for state maps ``(..., K, S)`` (int64): associative."""
+    return torch.gather(f, -2, g)
+
+
+def _viterbi_scan(start: Tensor, trans: Tensor, e: Tensor, v: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Viterbi without a loop over time: the best scores ``delta_t`` by a max-plus scan, every
+    step's back-pointers at once, and the path by a scan of composed back-pointer maps.
+    ``(states (T, S), log_p (S,))``."""
+    n_steps, k = e.shape[0], e.shape[1]
+    delta0 = start + e[0]  # (K, S)
+    if n_steps == 1:
+        log_p, state = delta0.max(0)
+        return state.unsqueeze(0), log_p
+    m = _step_matrices(trans, e, v)  # (T-1, K_i, K_j, S)
+    prefix = _scan(m, product=_max_plus)
+    delta = torch.cat([delta0.unsqueeze(0), (delta0.unsqueeze(-2).unsqueeze(0) + prefix).amax(1)])  # (T, K, S)
+    pointers = (delta[:-1].unsqueeze(2) + m).argmax(1)  # (T-1, K_j, S): best previous state for each state
+    log_p, last = delta[-1].max(0)  # (S,)
+    # state_t = pointer_{t+1}(pointer_{t+2}(... pointer_{T-1}(last))): suffix compositions, then apply.
+    maps = _scan(pointers.flip(0), later_first=True, product=_compose).flip(0)  # F_t = p_{t+1} o ... o p_{T-1}
+    states = torch.cat([torch.gather(maps, 1, last.expand(n_steps - 1, 1, -1)).squeeze(1), last.unsqueeze(0)])
+    return states, log_p
 
 
 def _forward_backward_scan(start: Tensor, trans: Tensor, e: Tensor, v: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -416,6 +447,12 @@ def log_likelihood(log_start: Tensor, log_trans: Tensor, log_emit: Tensor, valid
 def viterbi(log_start: Tensor, log_trans: Tensor, log_emit: Tensor, valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The most likely state path ``(*L, T)`` (int64, -1 at padding) and its log-probability ``(*L,)``."""
     start, trans, e, v, lead, n_steps, k = _member_last(log_start, log_trans, log_emit, valid)
+    if _use_scan(e):  # long sequences on a GPU: no loop over time
+        states, log_p = _viterbi_scan(start, trans, e, v)
+        states = states.mT  # (S, T)
+        if v is not None:
+            states = torch.where(v.squeeze(1).mT, states, torch.full_like(states, -1))
+        return states.reshape(tuple(lead) + (n_steps,)), log_p.reshape(lead)
     trans_t = trans.transpose(0, 1)  # (K_j, K_i, S)
     delta = start + e[0]  # (K, S)
     identity = torch.arange(k, device=e.device).unsqueeze(-1)  # (K, 1)
