@@ -154,16 +154,7 @@ def load(path, device=None) -> GaussianMixture:
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         what = f"a dict with keys {sorted(map(str, saved))[:8]}" if isinstance(saved, dict) else f"a {type(saved).__name__}"
         raise _not_a_model(path, f"it holds {what}, without format={FORMAT!r}")
-    version = saved.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
-            f"{path!r} was written in torchgmm model format version {version!r} (torchgmm "
-            f"{saved.get('torchgmm_version')}); this torchgmm ({_version()}) reads versions up to "
-            f"{FORMAT_VERSION}: upgrade torchgmm"
-        )
-    for key in ("settings", "parameters", "buffers"):
-        if not isinstance(saved.get(key), dict):
-            raise _not_a_model(path, f"its {key!r} entry is missing or not a dict")
+    _check_layout(saved, path)
 
     known = set(GaussianMixture()._settings())
     settings = {name: _decode(value) for name, value in saved["settings"].items() if name in known}
@@ -198,10 +189,8 @@ def _save_hmm(model, path) -> None:
                 "settings": settings, "parameters": parameters, "buffers": buffers}, path)
 
 
-def _load_hmm(saved: dict, path, device=None):
-    """:func:`load` of a file ``_save_hmm`` wrote (already read with ``weights_only=True``)."""
-    from . import hmm
-
+def _check_layout(saved: dict, path) -> None:
+    """The format version is one this torchgmm reads, and the three sections are there."""
     version = saved.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
@@ -212,6 +201,13 @@ def _load_hmm(saved: dict, path, device=None):
     for key in ("settings", "parameters", "buffers"):
         if not isinstance(saved.get(key), dict):
             raise _not_a_model(path, f"its {key!r} entry is missing or not a dict")
+
+
+def _load_hmm(saved: dict, path, device=None):
+    """:func:`load` of a file ``_save_hmm`` wrote (already read with ``weights_only=True``)."""
+    from . import hmm
+
+    _check_layout(saved, path)
     known = set(hmm.GaussianHMM()._settings())
     settings = {name: _decode(value) for name, value in saved["settings"].items() if name in known}
     if device is not None:
