@@ -682,15 +682,9 @@ class GaussianHMM(GaussianAttributes, nn.Module):
 
     def sample(self, n_steps: int = 1, random_state=None) -> tuple[Tensor, Tensor]:
         """Draw one sequence of ``n_steps`` per model: ``(X (*B, n, D), states (*B, n))``."""
-        self._check_fitted()
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-            raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
-        random_state = self.random_state if random_state is None else random_state
-        validation.check_random_state(random_state)
-        gen = make_generator(random_state)
+        gen = self._sampling_generator(n_steps, "n_steps", random_state)
         p = self._detached()
-        k, d = p.means.shape[-2:]
-        batch = p.means.shape[:-2]
+        k = p.means.shape[-2]
         start = p.log_startprob.exp().reshape(-1, k).to(device=gen.device, dtype=torch.float64)
         trans = p.log_transmat.exp().reshape(-1, k, k).to(device=gen.device, dtype=torch.float64)
         rows = torch.arange(start.shape[0], device=gen.device)
@@ -699,13 +693,7 @@ class GaussianHMM(GaussianAttributes, nn.Module):
         for _ in range(n_steps - 1):
             state = torch.multinomial(trans[rows, state], 1, generator=gen).squeeze(-1)
             states.append(state)
-        labels = torch.stack(states, -1).to(p.means.device)  # (B, n)
-        noise = torch.randn(start.shape[0], n_steps, d, generator=gen, device=gen.device, dtype=torch.float64)
-        noise = noise.to(device=p.means.device, dtype=p.means.dtype)
-        scale_tril = torch.linalg.cholesky(self._cov.full_covariance(p.prec_chol, k, d)).reshape(-1, k, d, d)
-        r = torch.arange(labels.shape[0], device=labels.device).unsqueeze(-1)
-        x = p.means.reshape(-1, k, d)[r, labels] + (scale_tril[r, labels] @ noise.unsqueeze(-1)).squeeze(-1)
-        return x.reshape(*batch, n_steps, d), labels.reshape(*batch, n_steps)
+        return self._emit(p, torch.stack(states, -1), gen)  # states (B, n)
 
     def extra_repr(self) -> str:
         shape = f", batch_shape={tuple(self.loc.shape[:-2])}" if self.is_fitted else ""

@@ -86,6 +86,29 @@ class GaussianAttributes:
     def precisions_(self) -> Tensor:
         return self._cov.precision_from_prec_chol(self.precisions_cholesky_)
 
+    def _sampling_generator(self, n: int, name: str, random_state) -> torch.Generator:
+        """The generator of ``sample`` (checked: fitted, ``n`` a positive int, a valid seed)."""
+        self._check_fitted()
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+        random_state = self.random_state if random_state is None else random_state
+        validation.check_random_state(random_state)
+        return make_generator(random_state)
+
+    def _emit(self, params, labels: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Gaussian draws for component/state ``labels (B, n)`` (flattened batch, on the generator's
+        device), the noise from ``gen`` after the labels: ``(X (*B, n, D), labels (*B, n))``."""
+        k, d = params.means.shape[-2:]
+        batch, n = params.means.shape[:-2], labels.shape[-1]
+        noise = torch.randn(labels.shape[0], n, d, generator=gen, device=gen.device, dtype=torch.float64)
+        labels = labels.to(params.means.device)
+        noise = noise.to(device=params.means.device, dtype=params.means.dtype)
+        scale_tril = torch.linalg.cholesky(self._cov.full_covariance(params.prec_chol, k, d)).reshape(-1, k, d, d)
+        rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(-1)
+        means = params.means.reshape(-1, k, d)[rows, labels]  # (B, n, D)
+        x = means + (scale_tril[rows, labels] @ noise.unsqueeze(-1)).squeeze(-1)
+        return x.reshape(*batch, n, d), labels.reshape(*batch, n)
+
 
 class GaussianMixture(GaussianAttributes, nn.Module):
     """A batch of Gaussian mixture models, fitted by batched EM; an ``nn.Module``.
@@ -581,25 +604,12 @@ class GaussianMixture(GaussianAttributes, nn.Module):
 
     def sample(self, n_samples: int = 1, random_state=None) -> tuple[Tensor, Tensor]:
         """Draw ``n_samples`` points per dataset: ``(X (*B, n, D), labels (*B, n))``."""
-        self._check_fitted()
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-        random_state = self.random_state if random_state is None else random_state
-        validation.check_random_state(random_state)
-        gen = make_generator(random_state)
+        gen = self._sampling_generator(n_samples, "n_samples", random_state)
         params = self._detached()
-        k, d = params.means.shape[-2:]
-        batch = params.means.shape[:-2]
+        k = params.means.shape[-2]
         weights = params.log_weights.exp().reshape(-1, k).to(device=gen.device, dtype=torch.float64)
         labels = torch.multinomial(weights, n_samples, replacement=True, generator=gen)  # (B, n)
-        noise = torch.randn(weights.shape[0], n_samples, d, generator=gen, device=gen.device, dtype=torch.float64)
-        labels = labels.to(params.means.device)
-        noise = noise.to(device=params.means.device, dtype=params.means.dtype)
-        scale_tril = torch.linalg.cholesky(self._cov.full_covariance(params.prec_chol, k, d)).reshape(-1, k, d, d)
-        rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(-1)
-        means = params.means.reshape(-1, k, d)[rows, labels]  # (B, n, D)
-        x = means + (scale_tril[rows, labels] @ noise.unsqueeze(-1)).squeeze(-1)
-        return x.reshape(*batch, n_samples, d), labels.reshape(*batch, n_samples)
+        return self._emit(params, labels, gen)
 
     def save(self, path) -> None:
         """Write the model to one file (``torch.save`` of plain tensors, dicts and numbers, so
