@@ -74,3 +74,48 @@ def test_the_same_seed_gives_the_same_start_and_another_seed_another():
     (c, _), _, _ = start(x, "k-means++", seed=2)
     torch.testing.assert_close(a.means, b.means, rtol=0, atol=0)
     assert not torch.equal(a.means, c.means)
+
+
+# -- univariate Lloyd steps on the sorted series (init.SortedLine) ---------------------------------
+
+
+def _line_case(seed, n=40, k=4, r=5, integer=False):
+    g = torch.Generator().manual_seed(seed)
+    if integer:  # many ties: points at midpoints, repeated centers
+        x = torch.randint(0, 5, (3, n, 1), generator=g).double()
+        centers = torch.randint(0, 5, (3, r, k, 1), generator=g).double()
+    else:
+        x = torch.randn(3, n, 1, generator=g, dtype=torch.float64)
+        centers = torch.randn(3, r, k, 1, generator=g, dtype=torch.float64)
+    w = torch.rand(3, n, generator=g, dtype=torch.float64) * (torch.rand(3, n, generator=g) > 0.2)
+    return x, w, centers
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sorted_lloyd_steps_give_kmeans_partitions_and_centers(seed):
+    from torchgmm.init import SortedLine
+
+    x, w, centers = _line_case(seed, k=1 + seed % 5)
+    line = SortedLine(x, w)
+    for steps in (1, 3, 50):
+        labels, expected = kmeans(x, w, centers, max_iter=steps)
+        cells, moments, got = line.lloyd(centers, steps)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        assert torch.equal(line.labels(cells), labels)
+        # the cells' moments are the partition's weighted sums
+        onehot = (labels.unsqueeze(-2) == torch.arange(centers.shape[2]).unsqueeze(-1)).double() * w.unsqueeze(1).unsqueeze(2)
+        xr = x[:, None, None, :, 0]  # (B, 1, 1, N)
+        sums = torch.stack([onehot.sum(-1), (onehot * xr).sum(-1), (onehot * xr**2).sum(-1)], -1)  # (B, R, K, 3)
+        torch.testing.assert_close(moments, sums, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sorted_lloyd_breaks_ties_like_kmeans(seed):
+    """Points at a midpoint, and points nearest to several equal centers, join the lowest index."""
+    from torchgmm.init import SortedLine
+
+    x, w, centers = _line_case(seed, k=5, integer=True)
+    labels, expected = kmeans(x, w, centers, max_iter=1)
+    cells, _, got = SortedLine(x, w).lloyd(centers, 1)
+    assert torch.equal(SortedLine(x, w).labels(cells), labels)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

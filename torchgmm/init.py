@@ -186,6 +186,98 @@ def kmeans_step(x: Tensor, w: Tensor, centers: Tensor, chunk_size: Optional[int]
     return labels, torch.where(nk > 0, means, centers)
 
 
+class SortedLine:
+    """Univariate series sorted once, for Lloyd steps in ``O(K log N)`` per restart: the cells of
+    the nearest-center partition of a line are intervals between midpoints of the sorted centers,
+    so a step is a search of ``K - 1`` boundaries and differences of prefix sums of ``w``, ``w x``
+    and ``w x^2`` (float64: exact enough for standardized data), whatever the number of restarts.
+
+    ``x (B, N, 1)``, ``w (B, N)``. Ties go as in :func:`kmeans_assign`: a point equidistant from
+    two centers (or nearest to several equal ones) joins the one of lowest index.
+    """
+
+    def __init__(self, x: Tensor, w: Tensor):
+        f64 = torch.float64
+        values, order = torch.sort(x.squeeze(-1).to(f64), dim=-1, stable=True)  # (B, N)
+        ws = torch.gather(w.to(f64), -1, order)
+        zero = torch.zeros_like(values[..., :1])
+        self.values = values.contiguous()
+        # (B, 3, N + 1): prefix sums of w, w x, w x^2, from 0
+        self.prefix = torch.stack([torch.cat([zero, t.cumsum(-1)], -1) for t in (ws, ws * values, ws * values.square())], -2)
+        self.order = order
+
+    def cells(self, centers: Tensor) -> Tensor:
+        """Each cell's end in sorted order, ``(B, R, K)`` (its start: the previous cell's end, in
+        the centers' sorted order) for ``centers (B, R, K, 1)``; returned per center, in the
+        centers' own order, as ``(start, end)`` pairs ``(B, R, K, 2)``."""
+        c = centers.squeeze(-1).to(torch.float64)  # (B, R, K)
+        b, r, k = c.shape
+        sorted_c, rank = torch.sort(c, dim=-1, stable=True)  # equal centers keep index order
+        lower, upper = sorted_c[..., :-1], sorted_c[..., 1:]
+        mid = (lower + upper) / 2  # (B, R, K-1)
+        # a point at a midpoint joins the lower index; among equal centers the first (lowest index) counts
+        is_start = torch.cat([torch.ones_like(upper[..., :1], dtype=torch.bool), upper > lower], -1)  # (B, R, K)
+        start = torch.cummax(torch.arange(k, device=c.device) * is_start, -1).values
+        lead = torch.gather(rank, -1, start)
+        first_lower = lead[..., :-1] < lead[..., 1:]
+        flat = mid.reshape(b, r * (k - 1))
+        left = torch.searchsorted(self.values, flat, side="left").view(b, r, k - 1)
+        right = torch.searchsorted(self.values, flat, side="right").view(b, r, k - 1)
+        ends = torch.where(first_lower, right, left)
+        n = self.values.shape[-1]
+        # equal centers: the first (lowest index) takes the whole cell, the others are empty
+        ends = torch.where(upper > lower, ends, torch.full_like(ends, n))
+        ends = torch.flip(torch.cummin(torch.flip(ends, [-1]), -1).values, [-1])  # nondecreasing
+        edge = torch.zeros((b, r, 1), dtype=ends.dtype, device=ends.device)
+        bounds = torch.cat([edge, ends, edge + n], -1)  # (B, R, K+1)
+        pairs = torch.stack([bounds[..., :-1], bounds[..., 1:]], -1)  # (B, R, K, 2) in sorted-center order
+        inverse = torch.argsort(rank, dim=-1)
+        return torch.gather(pairs, 2, inverse.unsqueeze(-1).expand(b, r, k, 2))
+
+    def moments(self, cells: Tensor) -> Tensor:
+        """Sums of ``w``, ``w x``, ``w x^2`` over each cell ``(B, R, K, 2)``: ``(B, R, K, 3)`` float64."""
+        b, r, k, _ = cells.shape
+        idx = cells.reshape(b, 1, r * k * 2).expand(b, 3, r * k * 2)
+        at = torch.gather(self.prefix, -1, idx).view(b, 3, r, k, 2)
+        return (at[..., 1] - at[..., 0]).permute(0, 2, 3, 1)
+
+    def lloyd(self, centers: Tensor, max_iter: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Up to ``max_iter`` Lloyd steps from ``centers (B, R, K, 1)`` (stopping when no cell
+        changes anywhere in the batch): ``(cells, moments, centers)`` of the final partition, the
+        centers being its means (where a cell is not empty)."""
+        cells = None
+        for _ in range(max(max_iter, 1)):
+            new_cells = self.cells(centers)
+            mom = self.moments(new_cells)
+            means = (mom[..., 1] / mom[..., 0].clamp_min(torch.finfo(torch.float64).tiny)).to(centers.dtype).unsqueeze(-1)
+            centers = torch.where(mom[..., :1] > 0, means, centers)
+            if cells is not None and torch.equal(new_cells, cells):
+                break
+            cells = new_cells
+        return new_cells, mom, centers
+
+    def labels(self, cells: Tensor) -> Tensor:
+        """The cell of every point, ``(B, R, N)`` in the points' own order."""
+        b, r, k, _ = cells.shape
+        n = self.values.shape[-1]
+        pos = torch.arange(n, device=cells.device)
+        in_cell = (pos >= cells[..., :1]) & (pos < cells[..., 1:])  # (B, R, K, N) sorted order
+        sorted_labels = in_cell.to(torch.uint8).argmax(-2)  # (B, R, N)
+        return torch.empty_like(sorted_labels).scatter_(-1, self.order.unsqueeze(1).expand(b, r, n), sorted_labels)
+
+    def partition_stats(self, mom: Tensor, centers: Tensor, cov: Covariance):
+        """:class:`Stats` of the partition with moments ``mom (B, R, K, 3)`` about ``centers``."""
+        from .stats import Stats
+
+        dtype = centers.dtype
+        s0, s1, s2 = mom.unbind(-1)
+        c = centers.squeeze(-1).to(torch.float64)
+        centred = (s2 - 2 * c * s1 + c.square() * s0).clamp_min(0).to(dtype)
+        ones = torch.ones(centred.shape + (1, 1), dtype=dtype, device=centers.device)
+        return Stats(s0.to(dtype), (s1 - s0 * c).unsqueeze(-1).to(dtype), cov.scatter(ones, centred.unsqueeze(-1)),
+                     torch.zeros(s0.shape[:-1], dtype=dtype, device=centers.device))
+
+
 def kmeans(x: Tensor, w: Tensor, centers: Tensor, max_iter: int = KMEANS_MAX_ITER, compile: bool = False,
            chunk_size: Optional[int] = None):
     """Weighted Lloyd iterations from ``centers (B, R, K, D)``: ``(labels (B, R, N), centers)``,
@@ -215,9 +307,11 @@ def _start(
     gen: torch.Generator,
     compile: bool = False,
     chunk_size: Optional[int] = None,
+    line: Optional[SortedLine] = None,
 ) -> tuple[GMMParams, Tensor]:
     """Initial parameters ``(B, R, ...)`` and ``distinct_ok (B, R)`` (False where the seeds could
-    not all be distinct points).
+    not all be distinct points). ``line``: ``x`` sorted (univariate data), for Lloyd steps without
+    a pass over the points.
 
     - ``kmeans``: k-means++ seeds, Lloyd iterations, then the M-step of the hard partition
       (scikit-learn's default, batched).
@@ -239,15 +333,8 @@ def _start(
     seeds, distinct_ok = _seed_points(
         x, w, n_components, n_init, gen, d2_weighting=init_params != "random_from_data", compile=compile
     )
-    labels, centers = kmeans(
-        x, w, seeds, max_iter=KMEANS_MAX_ITER if init_params == "kmeans" else 1, compile=compile, chunk_size=chunk_size
-    )
-    stats_fn = compiled(partition_statistics) if compile else partition_statistics
-    stats = chunked_sum(  # additive over chunks of points: bounded memory
-        lambda xc, wc, lc: stats_fn(xc, wc, lc, centers, cov), x.unsqueeze(1), w.unsqueeze(1), chunk_size, labels
-    )
-    params, _ = m_step(stats, centers, cov, reg)
-    return params, distinct_ok
+    steps = KMEANS_MAX_ITER if init_params == "kmeans" else 1
+    return _lloyd_params(x, w, seeds, steps, cov, reg, line, compile, chunk_size), distinct_ok
 
 
 # -- restarts that differ, lists of methods, the hierarchical start ------------------------------------
@@ -259,6 +346,17 @@ def _start(
 #: The recipes of restarts 1, 2, 3, ... of ``kmeans`` (cycled): (greedy D^2 seeding? else uniform
 #: among distinct points, Lloyd steps).
 DIVERSE_RECIPES = ((True, 2), (False, 2), (True, KMEANS_MAX_ITER))
+
+
+def _lloyd_params(x: Tensor, w: Tensor, seeds: Tensor, steps: int, cov: Covariance, reg: Tensor,
+                  line: Optional[SortedLine], compile: bool = False, chunk_size: Optional[int] = None) -> GMMParams:
+    """Up to ``steps`` Lloyd steps from ``seeds (B, R, K, D)``, then the M-step of the partition;
+    on the sorted series ``line`` when given (univariate data: no pass over the points)."""
+    if line is not None:
+        _, moments, centers = line.lloyd(seeds, steps)
+        return m_step(line.partition_stats(moments, centers, cov), centers, cov, reg)[0]
+    labels, centers = kmeans(x, w, seeds, max_iter=steps, compile=compile, chunk_size=chunk_size)
+    return _partition_params(x, w, labels, centers, cov, reg, compile, chunk_size)
 
 
 def _partition_params(x: Tensor, w: Tensor, labels: Tensor, centers: Tensor, cov: Covariance, reg: Tensor,
@@ -277,7 +375,8 @@ def _take(t: Tensor, order: Tensor) -> Tensor:
 
 
 def _diverse_restarts(x: Tensor, w: Tensor, n_components: int, n_restarts: int, cov: Covariance, reg: Tensor,
-                      gen: torch.Generator, compile: bool = False, chunk_size: Optional[int] = None):
+                      gen: torch.Generator, compile: bool = False, chunk_size: Optional[int] = None,
+                      line: Optional[SortedLine] = None):
     """Restarts 1..n of ``kmeans``: ``(params (B, n, ...), distinct_ok (B, n))``. Restart ``r`` follows
     ``DIVERSE_RECIPES[(r - 1) % 3]``: k-means++ seeds and 2 Lloyd steps, uniform distinct seeds and
     2 Lloyd steps, k-means++ seeds and up to 5 Lloyd steps (``kmeans``). (One step instead of two
@@ -286,7 +385,7 @@ def _diverse_restarts(x: Tensor, w: Tensor, n_components: int, n_restarts: int, 
     n_trials = 2 + int(math.log(n_components))
     u = _uniform((n_restarts, n_components, n_trials), gen, x).permute(1, 0, 2)  # (K, n, L), prefix-stable in n
     recipe = torch.arange(n_restarts) % len(DIVERSE_RECIPES)
-    labels, centers, ok, order = [], [], [], []
+    parts, ok, order = [], [], []
     for greedy in (True, False):
         for steps in sorted({s for g, s in DIVERSE_RECIPES if g == greedy}):
             kinds = [i for i, (g, s) in enumerate(DIVERSE_RECIPES) if g == greedy and s == steps]
@@ -296,12 +395,11 @@ def _diverse_restarts(x: Tensor, w: Tensor, n_components: int, n_restarts: int, 
             uu = u[:, idx.to(u.device)] if greedy else u[:, idx.to(u.device), :1]
             seeds, distinct = _seed_points(x, w, n_components, idx.numel(), gen, d2_weighting=greedy,
                                            compile=compile, u=uu)
-            lab, cen = kmeans(x, w, seeds, max_iter=steps, compile=compile, chunk_size=chunk_size)
-            labels.append(lab), centers.append(cen), ok.append(distinct), order.append(idx)
+            parts.append(_lloyd_params(x, w, seeds, steps, cov, reg, line, compile, chunk_size))
+            ok.append(distinct), order.append(idx)
     inverse = torch.argsort(torch.cat(order)).to(x.device)
-    labels, centers = _take(torch.cat(labels, 1), inverse), _take(torch.cat(centers, 1), inverse)
-    params = _partition_params(x, w, labels, centers, cov, reg, compile, chunk_size)
-    return params, _take(torch.cat(ok, 1), inverse)
+    params = GMMParams(*(torch.cat(ts, 1) for ts in zip(*parts)))
+    return params.map(lambda t: _take(t, inverse)), _take(torch.cat(ok, 1), inverse)
 
 
 def _cat_restarts(parts) -> tuple[GMMParams, Tensor]:
@@ -363,6 +461,7 @@ def initialize(
     cov = get_covariance(covariance_type)
     reg = reg_covar.unsqueeze(-1)  # (B, 1): broadcasts over restarts
     opts = dict(compile=compile, chunk_size=chunk_size)
+    kopts = dict(opts, line=SortedLine(x, w) if x.shape[-1] == 1 else None)  # the k-means family's options
     if isinstance(init_params, (list, tuple)):
         names = list(init_params)
         if len(set(names)) == 1:
@@ -375,9 +474,9 @@ def initialize(
                 if name == "hierarchical":
                     first = _hierarchical(x, w, n_components, cov, reg, gen, **opts)
                     parts.append(first if len(idx) == 1 else _cat_restarts(
-                        [first, _diverse_restarts(x, w, n_components, len(idx) - 1, cov, reg, gen, **opts)]))
+                        [first, _diverse_restarts(x, w, n_components, len(idx) - 1, cov, reg, gen, **kopts)]))
                 else:
-                    parts.append(_start(x, w, n_components, len(idx), name, cov, reg_covar, gen, **opts))
+                    parts.append(_start(x, w, n_components, len(idx), name, cov, reg_covar, gen, **kopts))
                 order += idx
             params, ok = _cat_restarts(parts)
             inverse = torch.argsort(torch.tensor(order)).to(x.device)
@@ -385,9 +484,9 @@ def initialize(
     if init_params == "hierarchical":
         first = _hierarchical(x, w, n_components, cov, reg, gen, **opts)
     elif init_params == "kmeans" and n_init > 1:
-        first = _start(x, w, n_components, 1, "kmeans", cov, reg_covar, gen, **opts)
+        first = _start(x, w, n_components, 1, "kmeans", cov, reg_covar, gen, **kopts)
     else:
-        return _start(x, w, n_components, n_init, init_params, cov, reg_covar, gen, **opts)
+        return _start(x, w, n_components, n_init, init_params, cov, reg_covar, gen, **kopts)
     if n_init == 1:
         return first
-    return _cat_restarts([first, _diverse_restarts(x, w, n_components, n_init - 1, cov, reg, gen, **opts)])
+    return _cat_restarts([first, _diverse_restarts(x, w, n_components, n_init - 1, cov, reg, gen, **kopts)])
