@@ -100,21 +100,25 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
     lead, k, n = coef.shape[:-2], coef.shape[-2], x.shape[-2]
     x_lead = x.shape[:-2]
     fold = len(x_lead) == len(lead) >= 1 and x_lead[-1] == 1 and lead[-1] > 1
-    if fold:  # restarts share the data: (*outer, N) features against (*outer, 3, K*R) coefficients
+    if fold:  # restarts share the data: one product per series, rows (R, K)
         outer = torch.broadcast_shapes(x_lead[:-1], lead[:-1])
         xf, wf, r = x.squeeze(-3), w.squeeze(-2), lead[-1]
-        coef = coef.expand(*outer, r, k, 3).transpose(-3, -2).reshape(*outer, k * r, 3)  # columns (K, R)
+        coef = coef.expand(*outer, r, k, 3)
     else:
         outer = torch.broadcast_shapes(x_lead, lead)
         xf, wf, r = x, w, 1
-        coef = coef.expand(*outer, k, 3)
-    xf = xf.expand(*outer, n, 1)
-    feats = torch.cat([torch.ones_like(xf), xf, xf.square()], -1)  # (*outer, N, 3)
-    joint = product(feats, coef.mT).view(*outer, n, k, r)  # (*outer, N, K, R)
+        coef = coef.expand(*outer, k, 3).unsqueeze(-3)
+    xf = xf.expand(*outer, n, 1).squeeze(-1)
+    feats_t = torch.stack([torch.ones_like(xf), xf, xf.square()], -2)  # (*outer, 3, N)
+    # Components in rows, points contiguous: the sums over components add rows, the per-point
+    # factors broadcast over them (both fast), and each product is one call per series (each
+    # with the features laid out as BLAS takes them fastest: measured).
+    joint = product(coef.reshape(*outer, r * k, 3), feats_t.mT.contiguous().mT).view(*outer, r, k, n)  # (*outer, R, K, N)
     e = joint.exp()
-    s = e.sum(-2)  # (*outer, N, R)
-    bad = s < (2.0**-900 if dtype == torch.float64 else 2.0**-100)
-    if bool(bad.any()):  # every component underflowed: the exact logsumexp for those points
+    s = e.sum(-2)  # (*outer, R, N)
+    tiny = 2.0**-900 if dtype == torch.float64 else 2.0**-100
+    if bool(s.amin() < tiny):  # every component underflowed: the exact logsumexp for those points
+        bad = s < tiny
         jb = joint.transpose(-1, -2)[bad]  # (n_bad, K)
         lse = torch.logsumexp(jb, -1)
         e.transpose(-1, -2)[bad] = torch.exp(jb - lse.unsqueeze(-1))
@@ -123,15 +127,13 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
         log_s[bad] = lse
     else:
         log_s = s.log()
-    wf = wf.expand(*outer, n)
-    resp = e.mul_((wf.unsqueeze(-1) / s).unsqueeze(-2))  # (*outer, N, K, R), weighted
-    moments = product(feats.mT, resp.view(*outer, n, k * r)).view(*outer, 3, k, r)  # sums of r, r x, r x^2
-    log_lik = (wf.unsqueeze(-1) * log_s).sum(-2)  # (*outer, R)
-    if fold:
-        moments = moments.movedim(-1, -3)  # (*outer, R, 3, K)
-    else:
-        log_lik, moments = log_lik.squeeze(-1), moments.squeeze(-1)
-    s0, s1, s2 = moments.unbind(-2)  # (*L, K) each
+    wf = wf.expand(*outer, n).unsqueeze(-2)  # (*outer, 1, N)
+    resp = e.mul_((wf / s).unsqueeze(-2))  # (*outer, R, K, N), weighted
+    moments = product(resp.view(*outer, r * k, n), feats_t.mT).view(*outer, r, k, 3)  # sums of r, r x, r x^2
+    log_lik = (wf * log_s).sum(-1)  # (*outer, R)
+    if not fold:
+        log_lik, moments = log_lik.squeeze(-1), moments.squeeze(-3)
+    s0, s1, s2 = moments.unbind(-1)  # (*L, K) each
     mu = params.means.squeeze(-1)
     sum_diff = s1 - s0 * mu
     centred = s2 - 2 * mu * s1 + mu.square() * s0  # sum r (x - mu)^2
