@@ -137,3 +137,30 @@ def test_univariate_quadratic_equals_the_general_coefficients():
         params = GMMParams(log_w, mu.unsqueeze(-1), prec_chol)
         coef = torch.stack(torch.broadcast_tensors(*univariate_quadratic(log_w, mu, var)), -1)
         torch.testing.assert_close(coef, univariate_coefficients(params, cov), rtol=1e-12, atol=1e-12)
+
+
+def test_a_first_fit_does_not_import_torchs_symbolic_shape_machinery():
+    """torch.broadcast_shapes imports sympy on first use (~0.4 s, paid by a fresh process's first
+    fit): the eager paths use _ops.broadcast_shapes instead."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, torchgmm\n"
+        "torchgmm.fit(torch.randn(40, 200, 1), 3, n_init=2)\n"  # the batched univariate path
+        "torchgmm.fit(torch.randn(2, 30, 1), 2)\n"  # the lean rule
+        "torchgmm.fit(torch.randn(4, 100, 3), 2, covariance_type='diag')\n"
+        "torchgmm.GaussianHMM(2).fit(torch.randn(3, 50, 1))\n"
+        "print('sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_broadcast_shapes_agrees_with_torchs():
+    from torchgmm._ops import broadcast_shapes
+
+    for shapes in [((2, 1, 3), (4, 1)), ((), (5,)), ((1,), (1, 1, 7)), ((3, 1), (3, 4), (1, 4))]:
+        assert broadcast_shapes(*shapes) == torch.broadcast_shapes(*shapes)
+    with pytest.raises(RuntimeError, match="do not broadcast"):
+        broadcast_shapes((2, 3), (4, 3))

@@ -37,11 +37,27 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
 _BLAS_MIN_WORK = 1 << 16
 
 
+def broadcast_shapes(*shapes) -> torch.Size:
+    """``torch.broadcast_shapes`` without its first-call cost: torch's version imports its
+    symbolic-shapes machinery (sympy, ~0.4 s) on first use, which a fit would pay on its first call."""
+    if torch.compiler.is_compiling():
+        return torch.broadcast_shapes(*shapes)
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, size in enumerate(shape, ndim - len(shape)):
+            if size != 1:
+                if out[i] not in (1, size):
+                    raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+                out[i] = size
+    return torch.Size(out)
+
+
 def product(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` (broadcasting batch dims): BLAS for large products, a broadcast multiply-sum for
     small ones (fewer than ``_BLAS_MIN_WORK`` multiply-adds), whose kernels are below torch's
     parallel grain and never wait for a thread."""
-    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]).numel()
+    batch = broadcast_shapes(a.shape[:-2], b.shape[:-2]).numel()
     if batch * a.shape[-2] * a.shape[-1] * b.shape[-1] >= _BLAS_MIN_WORK:
         return a @ b
     return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)

@@ -35,6 +35,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ._ops import broadcast_shapes
+
 __all__ = ["Posteriors", "forward_log", "log_likelihood", "posteriors", "posteriors_member_last", "viterbi",
            "RENORMALIZE_EVERY", "SCAN_MIN_STEPS"]
 
@@ -62,7 +64,7 @@ def _member_last(log_start: Tensor, log_trans: Tensor, log_emit: Tensor, valid: 
     shapes = [log_start.shape[:-1], log_trans.shape[:-2], log_emit.shape[:-2]]
     if valid is not None:
         shapes.append(valid.shape[:-1])
-    lead = torch.broadcast_shapes(*shapes)
+    lead = broadcast_shapes(*shapes)
     flat = lambda t, event: t.expand(lead + t.shape[t.dim() - event:]).reshape((-1,) + t.shape[t.dim() - event:])  # noqa: E731
     start = flat(log_start, 1).mT.contiguous()  # (K, S)
     trans = flat(log_trans, 2).permute(1, 2, 0).contiguous()  # (K_i, K_j, S)

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._ops import matmul, product
+from ._ops import broadcast_shapes, matmul, product
 from .covariance import Covariance, get_covariance
 from .density import GMMParams, joint_log_prob_and_diff, univariate_coefficients
 
@@ -101,11 +101,11 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
     x_lead = x.shape[:-2]
     fold = len(x_lead) == len(lead) >= 1 and x_lead[-1] == 1 and lead[-1] > 1
     if fold:  # restarts share the data: one product per series, rows (R, K)
-        outer = torch.broadcast_shapes(x_lead[:-1], lead[:-1])
+        outer = broadcast_shapes(x_lead[:-1], lead[:-1])
         xf, wf, r = x.squeeze(-3), w.squeeze(-2), lead[-1]
         coef = coef.expand(*outer, r, k, 3)
     else:
-        outer = torch.broadcast_shapes(x_lead, lead)
+        outer = broadcast_shapes(x_lead, lead)
         xf, wf, r = x, w, 1
         coef = coef.expand(*outer, k, 3).unsqueeze(-3)
     xf = xf.expand(*outer, n, 1).squeeze(-1)
