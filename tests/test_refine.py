@@ -146,7 +146,11 @@ def test_move_scores_and_candidates():
     assert int(split.argmax()) == spanning  # the component over two clusters fits worst
     start, valid = candidate_moves(x.unsqueeze(0), torch.ones(1, x.shape[0], dtype=x.dtype), params, cov,
                                    torch.full((1,), 1e-6, dtype=x.dtype))
-    # C = (3 pairs + 2 deletes) x 3 splits + 3 re-splits
-    assert start.means.shape == (1, 18, 3, 2) and valid.shape == (1, 18)
-    assert bool(valid.any()) and not bool(valid.all())
-    assert torch.allclose(start.log_weights.exp().sum(-1), torch.ones(1, 18, dtype=x.dtype))
+    # K = 3: (3 pairs + 2 deletes) x 3 splits + 3 re-splits, less 5 splits of a freed slot and 3
+    # crossed merges that split their merged slot (the re-splits)
+    assert start.means.shape == (1, 10, 3, 2) and valid.shape == (1, 10)
+    assert bool(valid.all())
+    assert torch.allclose(start.log_weights.exp().sum(-1), torch.ones(1, 10, dtype=x.dtype))
+    # every candidate moves components: none is the input
+    moved = (start.means - r.means).abs().amax((-2, -1))
+    assert bool((moved > 0.1).all())

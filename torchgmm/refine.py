@@ -105,8 +105,11 @@ def candidate_moves(x: Tensor, w: Tensor, params: GMMParams, covariance_type: Un
     the units of ``x``). The ``F = n_merge' + n_delete'`` frees (the ``n_merge`` most alike pairs,
     the ``n_delete`` weakest components; fewer when ``K`` is small) are crossed with the
     ``n_split'`` worst-fitting components, and each merge also re-splits its own pair: ``C = F *
-    n_split' + n_merge'``. A candidate that would split the slot it freed is invalid (its start
-    is the input's parameters; :func:`refine` never accepts it). Needs ``K >= 2``.
+    n_split' + n_merge'`` pairs of a free and a split, less those that would split the slot they
+    freed and the crossed merges that split their merged slot (the re-split already is one): the
+    valid ones come first, and ``C`` is the largest number of valid candidates of a series; a
+    series with fewer has invalid ones at the end (their start is the input's parameters;
+    :func:`refine` never accepts them). Needs ``K >= 2``.
     """
     cov = get_covariance(covariance_type)
     b, n, d = x.shape
@@ -135,15 +138,19 @@ def candidate_moves(x: Tensor, w: Tensor, params: GMMParams, covariance_type: Un
 
     # candidates: every free x every worst-fitting component, then the re-split of each merged pair
     free_idx = torch.cat([torch.arange(n_free, device=dev).repeat_interleave(n_split), torch.arange(n_merge, device=dev)])
-    target = torch.cat([worst.repeat(1, n_free), pair // k], -1)  # (B, C)
-    c = free_idx.numel()
-    resp_c = freed[:, free_idx]  # (B, C, K, N)
-    gone_c = gone[:, free_idx]  # (B, C)
-    keep_c = keep[:, free_idx]
-    resplit = torch.arange(c, device=dev) >= n_free * n_split
+    target = torch.cat([worst.repeat(1, n_free), pair // k], -1)  # (B, C0)
+    resplit = torch.arange(free_idx.numel(), device=dev) >= n_free * n_split
     merge_c = free_idx < n_merge
-    # a crossed merge whose target is the merged slot is the re-split, already among the candidates
+    free_c = free_idx.expand(b, -1)  # (B, C0)
+    gone_c, keep_c = gone.gather(1, free_c), keep.gather(1, free_c)
+    # invalid: splitting the freed slot; a crossed merge whose target is the merged slot (the re-split
+    # of that pair is already a candidate). The valid ones first, cut to the most any series has.
     valid = (target != gone_c) & (resplit | ~merge_c | (target != keep_c))
+    order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
+    c = int(valid.sum(-1).amax())
+    order = order[:, :c]
+    free_c, target, gone_c, valid = (t.gather(1, order) for t in (free_c, target, gone_c, valid))
+    resp_c = freed[torch.arange(b, device=dev).unsqueeze(-1), free_c]  # (B, C, K, N)
     onehot_t = target.view(b, c, 1, 1) == ks  # (B, C, K, 1)
     onehot_g = gone_c.view(b, c, 1, 1) == ks
     r_t = (resp_c * onehot_t).sum(-2)  # (B, C, N)
@@ -155,7 +162,10 @@ def candidate_moves(x: Tensor, w: Tensor, params: GMMParams, covariance_type: Un
     centre = (wt.unsqueeze(-2) @ xb) / nt.unsqueeze(-1)  # (B, C, 1, D)
     diff = xb - centre  # (B, C, N, D)
     scatter = (diff * wt.unsqueeze(-1)).mT @ diff / nt.unsqueeze(-1)  # (B, C, D, D)
-    axis = torch.linalg.eigh(scatter).eigenvectors[..., -1]  # (B, C, D): the largest eigenvalue's
+    if d == 1:
+        axis = torch.ones(b, c, 1, dtype=x.dtype, device=x.device)
+    else:
+        axis = torch.linalg.eigh(scatter).eigenvectors[..., -1]  # (B, C, D): the largest eigenvalue's
     side = (diff @ axis.unsqueeze(-1)).squeeze(-1) > 0  # (B, C, N)
     hi, lo = (r_t * side).unsqueeze(-2), (r_t * ~side).unsqueeze(-2)
     resp_c = torch.where(onehot_t, lo, torch.where(onehot_g, hi, resp_c))
@@ -183,7 +193,7 @@ def refine(
     result: Union[FitResult, GMMParams],
     *,
     covariance_type: Optional[str] = None,
-    n_rounds: int = 2,
+    n_rounds: int = 4,
     n_merge: int = 3,
     n_delete: int = 2,
     n_split: int = 3,
