@@ -111,7 +111,8 @@ def test_restarts_keep_the_best_restart(cov_type):
     assert restart_lb.shape == (3, n_init)
     assert bool((result.status == FitStatus.OK).all())  # every restart clean: plain max
     torch.testing.assert_close(result.lower_bound, restart_lb.max(-1).values, rtol=0, atol=0)
-    assert torch.equal(result.best_restart, restart_lb.argmax(-1))
+    # the kept restart is a best one (restarts at the same optimum may tie to the last digit)
+    torch.testing.assert_close(restart_lb.gather(-1, result.best_restart.unsqueeze(-1)).squeeze(-1), restart_lb.max(-1).values, rtol=0, atol=0)
     assert bool((restart_lb.max(-1).values - restart_lb.min(-1).values > 1e-3).any()), (
         "restarts should disagree somewhere, else this test proves nothing"
     )

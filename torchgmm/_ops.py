@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -35,6 +37,18 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
 # than the product, and MKL's threads spin-wait on a busy machine (measured: a 50-point fit 20x
 # slower with two threads on a loaded 2-core machine when its products went to BLAS).
 _BLAS_MIN_WORK = 1 << 16
+
+
+def exp_normal(t: Tensor, inplace: bool = False) -> Tensor:
+    """``exp(t)`` with ``t`` raised to ``log(tiny) + 1`` first: the result is a normal number
+    (``>= 3e-38`` in float32), never 0 or subnormal. torch's vectorized CPU ``exp`` takes a path
+    6-15x slower for arguments whose result underflows (float32 below -87, float64 below -708),
+    and the joint log-probabilities of far components are just that (measured: a block of W1's
+    E-step 6.3 ms -> 0.5 ms). Callers use it where such terms are negligible next to a sum of
+    order one (responsibilities, normalized by their sum); a weight that must stay exactly 0
+    is kept by its own mask."""
+    floor = math.log(torch.finfo(t.dtype).tiny) + 1.0
+    return t.clamp_min_(floor).exp_() if inplace else t.clamp_min(floor).exp_()
 
 
 def broadcast_shapes(*shapes) -> torch.Size:

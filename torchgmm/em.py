@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._compile import compiled
-from ._ops import even_slices
+from ._ops import even_slices, exp_normal
 from .covariance import Covariance, get_covariance
 from .density import GMMParams, univariate_quadratic
 from .loop import Batch, Start, Step, all_finite, tree_map
@@ -161,7 +161,7 @@ class UnivariateEMRule:
         var = self.cov.covariance_from_prec_chol(p.prec_chol).reshape(*batch.lead, -1)  # (*L, K); tied (*L, 1)
         c0, c1, c2 = univariate_quadratic(p.log_weights, mu, var)
         x, w = batch.x, batch.w  # (*L', N, 1), (*L', N)
-        e = torch.addcmul(c0.unsqueeze(-2), x, torch.addcmul(c1.unsqueeze(-2), x, c2.unsqueeze(-2))).exp_()  # (*L, N, K)
+        e = exp_normal(torch.addcmul(c0.unsqueeze(-2), x, torch.addcmul(c1.unsqueeze(-2), x, c2.unsqueeze(-2))), True)  # (*L, N, K)
         s = e.sum(-1)  # (*L, N)
         value = (w * s.log()).sum(-1) / batch.w_total  # (*L): mean log-likelihood before the update
         e.div_(s.unsqueeze(-1))  # responsibilities

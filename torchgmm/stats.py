@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._ops import broadcast_shapes, matmul, product
+from ._ops import _BLAS_MIN_WORK, broadcast_shapes, exp_normal, matmul, product
 from .covariance import Covariance, get_covariance
 from .density import GMMParams, joint_log_prob_and_diff, univariate_coefficients
 
@@ -59,8 +59,11 @@ def e_step_statistics(
     """
     cov = get_covariance(covariance_type)
     joint, diff = joint_log_prob_and_diff(x, params, cov)  # (*B, K, N), (*B, K, N, D)
-    log_norm = torch.logsumexp(joint, dim=-2)  # (*B, N)
-    resp = torch.exp(joint - log_norm.unsqueeze(-2)) * w.unsqueeze(-2)  # (*B, K, N)
+    peak = joint.amax(-2, keepdim=True)  # (*B, 1, N): logsumexp's shift, one exp for both uses
+    e = exp_normal(joint - peak, inplace=True)  # (*B, K, N), max 1
+    total = e.sum(-2)  # (*B, N), >= 1
+    log_norm = peak.squeeze(-2) + total.log()  # (*B, N)
+    resp = e.mul_((w / total).unsqueeze(-2))  # (*B, K, N), weighted
     return statistics(diff, resp, cov, (w * log_norm).sum(-1))
 
 
@@ -103,19 +106,23 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
     if fold:  # restarts share the data: one product per series, rows (R, K)
         outer = broadcast_shapes(x_lead[:-1], lead[:-1])
         xf, wf, r = x.squeeze(-3), w.squeeze(-2), lead[-1]
-        coef = coef.expand(*outer, r, k, 3)
     else:
         outer = broadcast_shapes(x_lead, lead)
         xf, wf, r = x, w, 1
-        coef = coef.expand(*outer, k, 3).unsqueeze(-3)
-    xf = xf.expand(*outer, n, 1).squeeze(-1)
-    feats_t = torch.stack([torch.ones_like(xf), xf, xf.square()], -2)  # (*outer, 3, N)
-    # Components in rows, points contiguous: the sums over components add rows, the per-point
-    # factors broadcast over them (both fast), and each product is one call per series (each
-    # with the features laid out as BLAS takes them fastest: measured).
-    joint = product(coef.reshape(*outer, r * k, 3), feats_t.mT.contiguous().mT).view(*outer, r, k, n)  # (*outer, R, K, N)
-    e = joint.exp()
-    s = e.sum(-2)  # (*outer, R, N)
+    g = outer.numel()  # products run on (G, rows, N): components in rows, points contiguous
+    coef = (coef if fold else coef.unsqueeze(-3)).expand(*outer, r, k, 3).reshape(g, r * k, 3)
+    xg = xf.squeeze(-1).expand(*outer, n).reshape(g, 1, n)
+    wg = wf.expand(*outer, n).reshape(g, 1, n)
+    feats = torch.cat([torch.ones_like(xg), xg, xg.square()], -2)  # (G, 3, N)
+    # joint = c0 + c1 x + c2 x^2, (G, R K, N); the sums over components then add rows and the
+    # per-point factors broadcast over them (both fast); BLAS for large products only.
+    if g * r * k * n * 2 >= _BLAS_MIN_WORK:
+        joint = torch.baddbmm(coef[..., :1], coef[..., 1:], feats[:, 1:])
+    else:
+        joint = torch.addcmul(coef[..., :1], xg, torch.addcmul(coef[..., 1:2], xg, coef[..., 2:]))
+    joint = joint.view(g, r, k, n)
+    e = exp_normal(joint)
+    s = e.sum(-2)  # (G, R, N)
     tiny = 2.0**-900 if dtype == torch.float64 else 2.0**-100
     if bool(s.amin() < tiny):  # every component underflowed: the exact logsumexp for those points
         bad = s < tiny
@@ -127,10 +134,9 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
         log_s[bad] = lse
     else:
         log_s = s.log()
-    wf = wf.expand(*outer, n).unsqueeze(-2)  # (*outer, 1, N)
-    resp = e.mul_((wf / s).unsqueeze(-2))  # (*outer, R, K, N), weighted
-    moments = product(resp.view(*outer, r * k, n), feats_t.mT).view(*outer, r, k, 3)  # sums of r, r x, r x^2
-    log_lik = (wf * log_s).sum(-1)  # (*outer, R)
+    resp = e.mul_((wg / s).unsqueeze(-2))  # (G, R, K, N), weighted
+    moments = product(resp.view(g, r * k, n), feats.mT).view(*outer, r, k, 3)  # sums of r, r x, r x^2
+    log_lik = (wg * log_s).sum(-1).view(*outer, r)
     if not fold:
         log_lik, moments = log_lik.squeeze(-1), moments.squeeze(-3)
     s0, s1, s2 = moments.unbind(-1)  # (*L, K) each
