@@ -277,3 +277,45 @@ def test_univariate_statistics_equal_the_difference_based_e_step(cov_type, dtype
     tol = dict(rtol=1e-10, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-3)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a.double(), b, **tol)
+
+
+@pytest.mark.parametrize("cov_type", ["full", "tied"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("folded", [True, False])
+def test_whitened_statistics_equal_the_difference_based_e_step(cov_type, dtype, folded):
+    """The whitened path (one product per series for every component of every restart, statistics
+    in whitened coordinates mapped back) gives e_step_statistics' numbers: restarts sharing the
+    data (folded) or each member with its own rows."""
+    from torchgmm.init import initialize, make_generator
+    from torchgmm.stats import e_step_statistics, whitened_statistics
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 120, 4, dtype=torch.float64, generator=gen) @ torch.randn(4, 4, dtype=torch.float64, generator=gen)
+    x[:, :40] += 3.0
+    w = torch.rand(3, 120, dtype=torch.float64, generator=gen)
+    params, _ = initialize(x, w, 3, 4, "kmeans", cov_type, torch.full((3,), 1e-6, dtype=torch.float64), make_generator(2))
+    xb, wb = (x.unsqueeze(1), w.unsqueeze(1)) if folded else (x.unsqueeze(1).expand(3, 4, 120, 4), w.unsqueeze(1).expand(3, 4, 120))
+    ref = e_step_statistics(xb, wb, params, cov_type)
+    fast = whitened_statistics(xb.to(dtype), wb.to(dtype), params.map(lambda t: t.to(dtype)), cov_type)
+    tol = dict(rtol=1e-10, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
+    for name, a, b in zip(ref._fields, fast, ref):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+def test_whitened_statistics_in_float32_fall_back_where_the_product_would_cancel_digits():
+    """A tight component far from the series' centre (|mu U| large) sends float32 to the
+    difference-based E-step: the scatter keeps its digits."""
+    from torchgmm.density import GMMParams
+    from torchgmm.stats import e_step_statistics, whitened_statistics
+
+    gen = torch.Generator().manual_seed(0)
+    x = (100 + 1e-2 * torch.randn(1, 200, 3, dtype=torch.float64, generator=gen)).float().double()  # |mu U| ~ 2e4
+    w = torch.ones(1, 200, dtype=torch.float64)
+    means = x.mean(1, keepdim=True).expand(1, 2, 3).float().double()
+    params = GMMParams(torch.log(torch.full((1, 2), 0.5, dtype=torch.float64)), means,
+                       torch.eye(3, dtype=torch.float64).expand(1, 2, 3, 3) * 100)
+    ref = e_step_statistics(x, w, params, "full")  # float64, on the same float32 numbers
+    fast = whitened_statistics(x.float(), w.float(), params.map(lambda t: t.float()), "full")
+    # the product U^T x - U^T mu would lose ~1e-3 of the scatter here; the differences keep ~1e-6
+    torch.testing.assert_close(fast.scatter.double(), ref.scatter, rtol=1e-4, atol=0)

@@ -136,6 +136,11 @@ class Covariance:
         """Squared Mahalanobis distance ``(*B, K, N)`` from ``diff = x - mean``, ``(*B, K, N, D)``."""
         raise NotImplementedError
 
+    def whitener(self, prec_chol: Tensor, n_components: int) -> Optional[Tensor]:
+        """The matrix ``U_k (*B, K, D, D)`` with ``mahalanobis = |(x - mu_k) U_k|^2``, for types
+        whose Mahalanobis term is a full product (full, tied); None for the others."""
+        return None
+
     # -- the M-step ----------------------------------------------------------------------
     def scatter(self, diff: Tensor, resp: Tensor) -> Tensor:
         """Weighted scatter about the reference means: ``sum_n resp_kn diff_kn diff_kn^T``.
@@ -248,6 +253,9 @@ class Full(Covariance):
         y = matmul(diff, prec_chol)  # (*B, K, N, D) @ (*B, K, D, D)
         return y.square().sum(-1)
 
+    def whitener(self, prec_chol, n_components):
+        return prec_chol
+
     def scatter(self, diff, resp):
         return matmul((diff * resp.unsqueeze(-1)).mT, diff)  # (*B, K, D, D)
 
@@ -323,6 +331,9 @@ class Tied(Full):
 
     def mahalanobis(self, diff, prec_chol):
         return super().mahalanobis(diff, prec_chol.unsqueeze(-3))
+
+    def whitener(self, prec_chol, n_components):
+        return prec_chol.unsqueeze(-3).expand(*prec_chol.shape[:-2], n_components, *prec_chol.shape[-2:])
 
     def covariance(self, nk, shift, scatter, reg_covar, count=None):
         cov = self._centred(nk, shift, scatter).sum(-3) / (nk if count is None else count).sum(-1)[..., None, None]

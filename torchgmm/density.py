@@ -28,6 +28,7 @@ __all__ = [
     "joint_log_prob_and_diff",
     "univariate_coefficients",
     "univariate_quadratic",
+    "whitened",
     "component_log_prob",
     "log_prob",
     "log_responsibilities",
@@ -59,6 +60,20 @@ def joint_log_prob_and_diff(x: Tensor, params: GMMParams, covariance_type: str |
     diff = x.unsqueeze(-3) - params.means.unsqueeze(-2)  # (*B, K, N, D)
     maha = cov.mahalanobis(diff, params.prec_chol)  # (*B, K, N)
     return _log_peak(params, cov, x.shape[-1]).unsqueeze(-1) - 0.5 * maha, diff
+
+
+def whitened(x_t: Tensor, means: Tensor, whitener: Tensor) -> Tensor:
+    """``y = (x - mu_m) U_m`` of every point for many components ``m`` at once, ``(G, M, D, N)``:
+    the Mahalanobis term of :func:`joint_log_prob_and_diff` is ``|y|^2`` summed over ``D``.
+
+    ``x_t (G, D, N)`` (points contiguous), ``means (G, M, D)``, ``whitener (G, M, D, D)`` (see
+    ``Covariance.whitener``). One product per row ``g`` with every component's ``U^T`` stacked,
+    ``y = U^T x - U^T mu``, instead of a difference per component and a product per component:
+    the components of all restarts of a series share its points. (The subtraction cancels terms
+    of size ``|mu U|``; callers bound it in float32.)"""
+    g, m, d = means.shape
+    shift = (means.unsqueeze(-2) @ whitener).reshape(g, m * d, 1)  # (G, M D, 1): U^T mu
+    return torch.bmm(whitener.mT.reshape(g, m * d, d), x_t).sub_(shift).view(g, m, d, x_t.shape[-1])
 
 
 def _log_peak(params: GMMParams, cov: Covariance, n_features: int) -> Tensor:

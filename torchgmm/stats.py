@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._ops import _BLAS_MIN_WORK, broadcast_shapes, exp_normal, matmul, product
 from .covariance import Covariance, get_covariance
-from .density import GMMParams, joint_log_prob_and_diff, univariate_coefficients
+from .density import GMMParams, _log_peak, joint_log_prob_and_diff, univariate_coefficients, whitened
 
 __all__ = [
     "Stats", "statistics", "e_step_statistics", "univariate_statistics", "fast_e_step_statistics", "partition_statistics", "m_step",
@@ -147,12 +147,83 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
     return Stats(s0, sum_diff.unsqueeze(-1), cov.scatter(ones, centred.unsqueeze(-1)), log_lik)
 
 
+def _fold(x: Tensor, w: Tensor, lead: tuple) -> tuple:
+    """How parameters with leading dims ``lead`` meet ``x (*Lx, N, D)``, ``w (*Lx, N)``: ``(outer,
+    x, w, r)``, where restarts share the data (``Lx = (..., 1)`` against ``(..., R)``) the data
+    without that dim and ``r = R``, else the broadcast dims and ``r = 1``."""
+    x_lead = x.shape[:-2]
+    if len(x_lead) == len(lead) >= 1 and x_lead[-1] == 1 and lead[-1] > 1:
+        return broadcast_shapes(x_lead[:-1], lead[:-1]), x.squeeze(-3), w.squeeze(-2), lead[-1]
+    return broadcast_shapes(x_lead, lead), x, w, 1
+
+
+def whitened_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Stats:
+    """:func:`e_step_statistics` for full and tied covariances (``D >= 2``) in whitened
+    coordinates: ``y = (x - mu_k) U_k`` for every component of every restart of a series is one
+    product (:func:`torchgmm.density.whitened`), the Mahalanobis term is ``|y|^2``, and the
+    statistics are taken in ``y`` (``sum r y``, ``sum r y y^T``: centred on the current means and
+    well scaled) and mapped back by two triangular solves per component (``d = U^{-T} y``). No
+    ``(K, N, D)`` difference and no product per component (W2's E-step 6x, its scatter 2.6x in
+    one block). float32: the product cancels terms of size ``|mu U|^2 / 2``; beyond
+    ``_FLOAT32_EXPANSION_LIMIT`` nats the call runs :func:`e_step_statistics`."""
+    cov = get_covariance(covariance_type)
+    lead, (k, d), n = params.means.shape[:-2], params.means.shape[-2:], x.shape[-2]
+    u = cov.whitener(params.prec_chol, k)  # (*L, K, D, D)
+    if x.dtype != torch.float64:
+        # y rounds by eps |mu U|, a joint near the component (|y| ~ sqrt(D)) by eps sqrt(D) |mu U|:
+        # kept within the univariate path's budget (eps 2 _FLOAT32_EXPANSION_LIMIT nats)
+        shift_sq = (params.means.unsqueeze(-2) @ u).square().sum(-1).amax()
+        if not bool(shift_sq * d < 4 * _FLOAT32_EXPANSION_LIMIT**2):  # (NaN parameters too)
+            return e_step_statistics(x, w, params, cov)
+    outer, xf, wf, r = _fold(x, w, lead)
+    g = outer.numel()  # rows of the products: (G, R K, ...)
+
+    def rows(t: Tensor, tail: int) -> Tensor:  # (*L, K, *tail) -> (G, R K, *tail)
+        t = t if r > 1 else t.unsqueeze(-tail - 2)
+        end = t.shape[t.dim() - tail:]
+        return t.expand(*outer, r, k, *end).reshape(g, r * k, *end)
+
+    u, means = rows(u, 2), rows(params.means, 1)
+    x_t = xf.expand(*outer, n, d).reshape(g, n, d).mT.contiguous()  # (G, D, N)
+    wg = wf.expand(*outer, n).reshape(g, 1, n)
+    y = whitened(x_t, means, u)  # (G, R K, D, N)
+    peak = rows(_log_peak(params, cov, d).expand(*lead, k), 0).view(g, r, k, 1)
+    joint = (y * y).sum(-2).view(g, r, k, n).mul_(-0.5).add_(peak)  # (G, R, K, N)
+    top = joint.amax(-2, keepdim=True)
+    e = exp_normal(joint.sub_(top), inplace=True)
+    total = e.sum(-2)  # (G, R, N), >= 1
+    log_lik = (wg * (top.squeeze(-2) + total.log())).sum(-1)  # (G, R)
+    resp = e.mul_((wg / total).unsqueeze(-2)).view(g * r * k, n, 1)  # weighted
+    yk = y.view(g * r * k, d, n)
+    weighted = yk * resp.mT  # (G R K, D, N)
+    sum_y = weighted.sum(-1)  # (G R K, D)
+    scatter_y = torch.bmm(weighted, yk.mT)  # (G R K, D, D)
+    uk = u.reshape(g * r * k, d, d)  # upper triangular: d = U^{-T} y
+    sum_diff = torch.linalg.solve_triangular(uk.mT, sum_y.unsqueeze(-1), upper=False).squeeze(-1)
+    scatter = torch.linalg.solve_triangular(
+        uk, torch.linalg.solve_triangular(uk.mT, scatter_y, upper=False), upper=True, left=False)
+
+    def out(t: Tensor, tail: int) -> Tensor:  # (G R K, ...) -> (*L, K, ...)
+        t = t.reshape(*outer, r, k, *t.shape[1:])
+        return t if r > 1 else t.squeeze(-tail - 2)
+
+    nk = out(resp.view(g * r * k, n).sum(-1), 0)
+    log_lik = log_lik.view(*outer, r) if r > 1 else log_lik.view(*outer)
+    return Stats(nk, out(sum_diff, 1), out(scatter, 2), log_lik)
+
+
 def fast_e_step_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Stats:
-    """The eager E-step with statistics: :func:`univariate_statistics` for univariate data, else
-    :func:`e_step_statistics`."""
+    """The eager E-step with statistics: :func:`univariate_statistics` for univariate data,
+    :func:`whitened_statistics` for full and tied covariances when the products are large
+    enough for BLAS, else :func:`e_step_statistics`."""
     if x.shape[-1] == 1:
         return univariate_statistics(x, w, params, covariance_type)
-    return e_step_statistics(x, w, params, covariance_type)
+    cov = get_covariance(covariance_type)
+    if cov.whitener(params.prec_chol, 1) is not None:
+        work = params.log_weights.numel() * x.shape[-2] * x.shape[-1] ** 2
+        if work >= _BLAS_MIN_WORK:
+            return whitened_statistics(x, w, params, cov)
+    return e_step_statistics(x, w, params, cov)
 
 
 def m_step(
