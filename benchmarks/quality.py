@@ -6,6 +6,8 @@ that each contender reaches, and its time::
     python benchmarks/quality.py                       # the whole table, markdown on stdout
     python benchmarks/quality.py --datasets iris wine --types full --ks 3
     python benchmarks/quality.py --no-mclust --json /tmp/quality.json
+    python benchmarks/quality.py --contenders torchgmm torchgmm-refine torchgmm-n20 torchgmm-n30 \
+        --no-mclust --recorded docs/quality.md       # best also over the table recorded there
 
 Contenders (each fitted to convergence, tol=1e-6, max_iter=1000, so that the table compares the
 optima the starts lead to, not how early EM stops):
@@ -13,6 +15,10 @@ optima the starts lead to, not how early EM stops):
 - ``torchgmm``: default settings (``init_params="kmeans"``), ``n_init=10``;
 - ``torchgmm-hc``: ``init_params="hierarchical"`` (mclust-style start + diverse restarts), ``n_init=10``;
 - ``torchgmm-mix``: ``init_params=["kmeans", "k-means++", "random_from_data"]``, ``n_init=10``;
+- ``torchgmm-refine``: the default with ``n_init=10``, then ``torchgmm.refine.refine`` (merge or
+  delete one component, split another, refit; kept when the log-likelihood rises);
+- ``torchgmm-n20``, ``torchgmm-n30`` (only with ``--contenders``): the default with ``n_init=20``
+  / ``30``, the equal-time comparison for the refinement;
 - ``sklearn``: ``sklearn.mixture.GaussianMixture``, ``n_init=10``, k-means start;
 - ``mclust``: R's ``Mclust`` (its hierarchical start, EM to convergence), when ``Rscript`` with the
   mclust package is available (``apt-get install -y r-cran-mclust``); skipped otherwise.
@@ -120,14 +126,30 @@ def _clean_best(result) -> float:
     return float(lbs.max())
 
 
-def run_torchgmm(x, k, cov, init_params="kmeans", seed=0):
+def run_torchgmm(x, k, cov, init_params="kmeans", seed=0, n_init=N_INIT):
     import torch
     import torchgmm
 
     t = time.perf_counter()
-    r = torchgmm.fit(torch.tensor(x), k, covariance_type=cov, n_init=N_INIT, init_params=init_params, random_state=seed,
+    r = torchgmm.fit(torch.tensor(x), k, covariance_type=cov, n_init=n_init, init_params=init_params, random_state=seed,
                      tol=TOL, max_iter=MAX_ITER, reg_covar=REG, warn=False)
     return _clean_best(r), time.perf_counter() - t
+
+
+def run_refine(x, k, cov, seed=0):
+    """The default fit (``n_init=10``) then :func:`torchgmm.refine.refine` with the same settings;
+    the best clean value of the restarts and of the refined fit."""
+    import torch
+    import torchgmm
+    from torchgmm.refine import refine
+
+    t = time.perf_counter()
+    xt = torch.tensor(x)
+    r = torchgmm.fit(xt, k, covariance_type=cov, n_init=N_INIT, random_state=seed, tol=TOL, max_iter=MAX_ITER,
+                     reg_covar=REG, warn=False)
+    rr = refine(xt, r, tol=TOL, max_iter=MAX_ITER, reg_covar=REG)
+    refined = float(rr.lower_bound) if int(rr.status) < torchgmm.FitStatus.DEGENERATE else -np.inf
+    return max(_clean_best(r), refined), time.perf_counter() - t
 
 
 def run_sklearn(x, k, cov, seed=0):
@@ -190,32 +212,59 @@ def run_mclust(x, types):
     return {(c, k): table[(names[c], k)] for c in types for k in range(1, 6) if (names[c], k) in table}
 
 
-CONTENDERS = ("torchgmm", "torchgmm-hc", "torchgmm-mix", "sklearn", "mclust")
+CONTENDERS = ("torchgmm", "torchgmm-hc", "torchgmm-mix", "torchgmm-refine", "sklearn", "mclust")
+RUNNERS = {
+    "torchgmm": run_torchgmm,
+    "torchgmm-hc": lambda x, k, cov: run_torchgmm(x, k, cov, "hierarchical"),
+    "torchgmm-mix": lambda x, k, cov: run_torchgmm(x, k, cov, ["kmeans", "k-means++", "random_from_data"]),
+    "torchgmm-refine": run_refine,
+    "torchgmm-n20": lambda x, k, cov: run_torchgmm(x, k, cov, n_init=20),
+    "torchgmm-n30": lambda x, k, cov: run_torchgmm(x, k, cov, n_init=30),
+    "sklearn": run_sklearn,
+}
 
 
-def quality_table(names=None, types=COV_TYPES, ks=range(1, 6), use_mclust=True, log=print):
+def recorded_best(path) -> dict:
+    """``{(dataset, cov, K): best}`` from the markdown table of an earlier run (docs/quality.md)."""
+    best = {}
+    for line in Path(path).read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 4 and cells[2].isdigit():
+            try:
+                best[(cells[0], cells[1], int(cells[2]))] = float(cells[3])
+            except ValueError:
+                continue
+    return best
+
+
+def quality_table(names=None, types=COV_TYPES, ks=range(1, 6), use_mclust=True, log=print, contenders=CONTENDERS,
+                  recorded=None):
+    """One row per dataset x covariance type x K; ``best`` over ``contenders`` (and over
+    ``recorded``, ``{(dataset, cov, K): value}``, when given)."""
     rows = []
     for name, x in datasets(names).items():
         x = PREPROCESS.get(name, lambda a: a)(x)
-        mcl = run_mclust(x, types) if use_mclust else None
+        mcl = run_mclust(x, types) if use_mclust and "mclust" in contenders else None
         for cov in types:
             for k in ks:
                 row = {"dataset": name, "n": x.shape[0], "d": x.shape[1], "cov": cov, "k": k}
-                row["torchgmm"] = run_torchgmm(x, k, cov)
-                row["torchgmm-hc"] = run_torchgmm(x, k, cov, "hierarchical")
-                row["torchgmm-mix"] = run_torchgmm(x, k, cov, ["kmeans", "k-means++", "random_from_data"])
-                row["sklearn"] = run_sklearn(x, k, cov)
-                row["mclust"] = mcl.get((cov, k), (np.nan, np.nan)) if mcl else (np.nan, np.nan)
-                vals = [row[c][0] for c in CONTENDERS if np.isfinite(row[c][0])]
+                for c in contenders:
+                    if c == "mclust":
+                        row[c] = mcl.get((cov, k), (np.nan, np.nan)) if mcl else (np.nan, np.nan)
+                    else:
+                        row[c] = RUNNERS[c](x, k, cov)
+                vals = [row[c][0] for c in contenders if np.isfinite(row[c][0])]
+                if recorded and (name, cov, k) in recorded:
+                    vals.append(recorded[(name, cov, k)])
                 row["best"] = max(vals) if vals else -np.inf
                 rows.append(row)
-                log(_line(row))
+                log(_line(row, contenders))
     return rows
 
 
-def _line(row) -> str:
+def _line(row, contenders=CONTENDERS) -> str:
     cells = []
-    for c in CONTENDERS:
+    for c in contenders:
         v, t = row[c]
         gap = row["best"] - v
         mark = "—" if not np.isfinite(v) else ("✓" if gap <= MATCH else f"-{gap:.4f}")
@@ -223,9 +272,9 @@ def _line(row) -> str:
     return f"| {row['dataset']} | {row['cov']} | {row['k']} | {row['best']:.5f} | " + " | ".join(cells) + " |"
 
 
-def summary(rows) -> str:
+def summary(rows, contenders=CONTENDERS) -> str:
     out = []
-    for c in CONTENDERS:
+    for c in contenders:
         have = [r for r in rows if np.isfinite(r[c][0])]
         hit = sum(r["best"] - r[c][0] <= MATCH for r in have)
         t = sum(r[c][1] for r in have if np.isfinite(r[c][1]))
@@ -279,6 +328,8 @@ def main(argv=None):
     p.add_argument("--no-mclust", action="store_true")
     p.add_argument("--w1", action="store_true", help="only the W1 time ratio")
     p.add_argument("--json")
+    p.add_argument("--contenders", nargs="*", default=list(CONTENDERS), choices=list(RUNNERS) + ["mclust"])
+    p.add_argument("--recorded", help="a markdown table of an earlier run (docs/quality.md): its best joins the best")
     a = p.parse_args(argv)
     import torch
 
@@ -287,10 +338,12 @@ def main(argv=None):
     if a.w1:
         print(w1_ratio())
         return
-    print("| dataset | cov | K | best | " + " | ".join(CONTENDERS) + " |")
-    print("|---|---|---|---|" + "---|" * len(CONTENDERS))
-    rows = quality_table(a.datasets, a.types, a.ks, not a.no_mclust, log=lambda s: print(s, flush=True))
-    print(summary(rows))
+    cs = tuple(a.contenders)
+    print("| dataset | cov | K | best | " + " | ".join(cs) + " |")
+    print("|---|---|---|---|" + "---|" * len(cs))
+    rows = quality_table(a.datasets, a.types, a.ks, not a.no_mclust, log=lambda s: print(s, flush=True), contenders=cs,
+                         recorded=recorded_best(a.recorded) if a.recorded else None)
+    print(summary(rows, cs))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, default=float, indent=1))
 

@@ -154,3 +154,13 @@ def test_move_scores_and_candidates():
     # every candidate moves components: none is the input
     moved = (start.means - r.means).abs().amax((-2, -1))
     assert bool((moved > 0.1).all())
+
+
+def test_model_selection_padding_never_moves():
+    g = torch.Generator().manual_seed(8)
+    x = torch.stack([three_clusters(seed=7, n=60), torch.randn(180, 2, generator=g, dtype=torch.float64)])
+    r = torchgmm.fit(x, [1, 2, 3], n_init=2, random_state=0, tol=1e-6, max_iter=300, warn=False)
+    assert bool((r.weights == 0).any())  # a series chose fewer than 3: masked components
+    rr = refine(x, r, tol=1e-6, max_iter=300)
+    assert torch.equal(rr.weights == 0, r.weights == 0)
+    assert bool((rr.lower_bound >= r.lower_bound).all())

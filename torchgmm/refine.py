@@ -145,9 +145,11 @@ def candidate_moves(x: Tensor, w: Tensor, params: GMMParams, covariance_type: Un
     gone_c, keep_c = gone.gather(1, free_c), keep.gather(1, free_c)
     # invalid: splitting the freed slot; a crossed merge whose target is the merged slot (the re-split
     # of that pair is already a candidate). The valid ones first, cut to the most any series has.
+    live = torch.isfinite(params.log_weights)  # (B, K): masked components (weight 0) never move
     valid = (target != gone_c) & (resplit | ~merge_c | (target != keep_c))
+    valid &= live.gather(1, target) & live.gather(1, gone_c) & live.gather(1, keep_c)
     order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
-    c = int(valid.sum(-1).amax())
+    c = max(int(valid.sum(-1).amax()), 1)
     order = order[:, :c]
     free_c, target, gone_c, valid = (t.gather(1, order) for t in (free_c, target, gone_c, valid))
     resp_c = freed[torch.arange(b, device=dev).unsqueeze(-1), free_c]  # (B, C, K, N)
