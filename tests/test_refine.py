@@ -164,3 +164,12 @@ def test_model_selection_padding_never_moves():
     rr = refine(x, r, tol=1e-6, max_iter=300)
     assert torch.equal(rr.weights == 0, r.weights == 0)
     assert bool((rr.lower_bound >= r.lower_bound).all())
+    # a 2-component fit padded to 3: every candidate keeps the padding at weight exactly 0
+    two = torchgmm.fit(x[0], 2, tol=1e-6, max_iter=300)
+    padded = GMMParams(torch.cat([two.params.log_weights, torch.tensor([-float("inf")], dtype=x.dtype)]),
+                       torch.cat([two.means, two.means[:1]]), torch.cat([two.precisions_cholesky, two.precisions_cholesky[:1]]))
+    start, valid = candidate_moves(x[:1], torch.ones(1, x.shape[1], dtype=x.dtype), padded.map(lambda t: t.unsqueeze(0)),
+                                   "full", torch.full((1,), 1e-6, dtype=x.dtype))
+    assert bool(valid.any())
+    assert bool(torch.isneginf(start.log_weights[..., 2]).all())
+    assert torch.allclose(start.log_weights.exp().sum(-1), torch.ones_like(valid, dtype=x.dtype))

@@ -104,7 +104,7 @@ def candidate_moves(x: Tensor, w: Tensor, params: GMMParams, covariance_type: Un
     ``x (B, N, D)``, ``w (B, N)``, ``params (B, ...)`` (fitted), ``reg (B,)`` (``reg_covar`` in
     the units of ``x``). The ``F = n_merge' + n_delete'`` frees (the ``n_merge`` most alike pairs,
     the ``n_delete`` weakest components; fewer when ``K`` is small) are crossed with the
-    ``n_split'`` worst-fitting components, and each merge also re-splits its own pair: ``C = F *
+    ``n_split'`` worst-fitting components, and each merge also re-splits its own pair: ``F *
     n_split' + n_merge'`` pairs of a free and a split, less those that would split the slot they
     freed and the crossed merges that split their merged slot (the re-split already is one): the
     valid ones come first, and ``C`` is the largest number of valid candidates of a series; a
@@ -173,7 +173,13 @@ def candidate_moves(x: Tensor, w: Tensor, params: GMMParams, covariance_type: Un
     resp_c = torch.where(onehot_t, lo, torch.where(onehot_g, hi, resp_c))
 
     start, ok = params_from_responsibilities(xb, w.unsqueeze(1), resp_c, cov, reg.unsqueeze(-1))  # (B, C, ...)
-    valid = valid & ok & torch.isfinite(start.log_weights).all(-1)
+    # masked components stay masked (weight exactly 0), the others renormalized
+    masked = ~live.unsqueeze(1)  # (B, 1, K)
+    log_weights = torch.where(masked, -torch.inf, start.log_weights)
+    start = start._replace(log_weights=log_weights - torch.logsumexp(log_weights, -1, keepdim=True))
+    finite = (torch.isfinite(start.log_weights) | masked).all(-1)
+    finite &= torch.isfinite(start.means).flatten(2).all(-1) & torch.isfinite(start.prec_chol).flatten(2).all(-1)
+    valid = valid & ok & finite
     same = params.map(lambda t: t.unsqueeze(1))
     start = GMMParams(*(torch.where(valid.view(b, c, *[1] * (s.dim() - 2)), s, o.expand_as(s)) for s, o in zip(start, same)))
     return start, valid
