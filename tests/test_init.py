@@ -119,3 +119,33 @@ def test_sorted_lloyd_breaks_ties_like_kmeans(seed):
     cells, _, got = SortedLine(x, w).lloyd(centers, 1)
     assert torch.equal(SortedLine(x, w).labels(cells), labels)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("d2_weighting", [True, False])
+def test_seeds_on_the_sorted_line_are_the_draws_of_the_pass_over_the_points(d2_weighting):
+    """On sorted data the inverse CDF visits the points in the same order, so every draw (and
+    the greedy choice among candidates) is the same; ties and repeated values included."""
+    from torchgmm.init import SortedLine, _seed_points
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.sort(torch.randint(0, 12, (4, 60), generator=g).double() / 3, -1).values.unsqueeze(-1)
+    w = torch.rand(4, 60, generator=g, dtype=torch.float64) * (torch.rand(4, 60, generator=g) > 0.1)
+    u = torch.rand(4, 25, 3 if d2_weighting else 1, generator=g, dtype=torch.float64)  # (K, R, L)
+    direct, ok_direct = _seed_points(x, w, 4, 25, None, d2_weighting=d2_weighting, u=u)
+    line, ok_line = _seed_points(x, w, 4, 25, None, d2_weighting=d2_weighting, u=u, line=SortedLine(x, w))
+    assert torch.equal(line, direct) and torch.equal(ok_line, ok_direct)
+
+
+def test_seeds_on_the_sorted_line_of_shuffled_data_follow_the_same_distribution():
+    from torchgmm.init import SortedLine, _seed_points
+
+    x = torch.tensor([[5.0, 0.0, 9.0, 2.0, 0.0, 5.0, 1.0]], dtype=torch.float64).unsqueeze(-1)
+    w = torch.tensor([[1.0, 1.0, 1.0, 2.0, 1.0, 0.5, 1.0]], dtype=torch.float64)
+    u = torch.rand(3, 20000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sets = []
+    for line in (None, SortedLine(x, w)):
+        seeds, _ = _seed_points(x, w, 3, 20000, None, d2_weighting=True, u=u, line=line)
+        key = torch.sort(seeds[0, :, :, 0], -1).values @ torch.tensor([100.0, 10.0, 1.0], dtype=torch.float64)
+        sets.append(torch.unique(key, return_counts=True))
+    assert torch.equal(sets[0][0], sets[1][0])  # the same seed sets occur
+    np.testing.assert_allclose(sets[0][1] / 20000, sets[1][1] / 20000, atol=0.01)  # as often (3 sigma ~ 0.01)

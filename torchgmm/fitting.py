@@ -26,7 +26,7 @@ from ._compile import compiled
 from ._ops import even_slices
 from .covariance import Covariance, get_covariance
 from .density import GMMParams
-from .init import INIT_METHODS, initialize, make_generator
+from .init import INIT_METHODS, block_series, initialize, make_generator
 from .em import UnivariateEMRule
 from .loop import Members, run_members
 from .methods import EM, as_method, method_settings
@@ -130,7 +130,8 @@ def _initialize(xs, data: _Data, k, n_init, init_params, cov, reg, random_state,
     call on the whole batch would), with the given parameters in place of the drawn ones."""
     gen = make_generator(random_state)
     state, parts = gen.get_state(), []
-    for part in even_slices(xs.shape[0], plan.init_block_series):
+    block = block_series(plan.init_block_series, xs.shape[0], xs.shape[-2], xs.shape[-1], init_params)
+    for part in even_slices(xs.shape[0], block):
         gen.set_state(state)
         parts.append(initialize(xs[part], data.w[part], k, n_init, init_params, cov, reg[part], gen,
                                 compile=plan.compile, chunk_size=plan.init_chunk))

@@ -34,6 +34,21 @@ INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data", "hierarchic
 # Lloyd iterations of the k-means initialization (stops earlier once no label changes).
 KMEANS_MAX_ITER = 5
 
+#: Bytes of sorted series (values and three float64 prefix sums) per initialization block of
+#: univariate data, whose k-means family runs on :class:`SortedLine` without (restarts x points)
+#: temporaries: large blocks, few operations.
+LINE_BLOCK_BYTES = 1 << 28
+
+
+def block_series(default: int, n_series: int, n_points: int, n_features: int, init_params) -> int:
+    """Series per initialization block: ``default`` (the plan's, bounding (restarts x points)
+    temporaries), or for univariate data started by the k-means family (seeds and Lloyd steps on
+    the sorted line) as many as ``LINE_BLOCK_BYTES`` allows."""
+    names = list(init_params) if isinstance(init_params, (list, tuple)) else [init_params]
+    if n_features == 1 and all(name in ("kmeans", "k-means++", "random_from_data") for name in names):
+        return max(default, min(n_series, LINE_BLOCK_BYTES // (32 * (n_points + 1))))
+    return default
+
 
 def make_generator(random_state, device=None) -> torch.Generator:
     """A ``torch.Generator`` from ``None`` (fresh entropy), an int seed, or a Generator (used as is)."""
@@ -104,7 +119,7 @@ def _seed_step(x: Tensor, base: Tensor, d2: Tensor, u: Tensor, d2_weighting: boo
 
 
 def _seed_points(x: Tensor, w: Tensor, n_components: int, n_init: int, gen, *, d2_weighting: bool, compile: bool = False,
-                 u: Optional[Tensor] = None):
+                 u: Optional[Tensor] = None, line: Optional["SortedLine"] = None):
     """K seed points per restart, ``(B, R, K, D)``; and ``distinct_ok (B, R)``.
 
     The first seed is drawn with probability ``w_n``. Each further seed is drawn with probability
@@ -113,10 +128,15 @@ def _seed_points(x: Tensor, w: Tensor, n_components: int, n_init: int, gen, *, d
     seed), where ``d2_n`` is the squared distance to the nearest seed so far. Where every point
     coincides with a seed (fewer distinct points than K) the draw falls back to ``w_n`` and
     ``distinct_ok`` is False. ``u (K, R, L)``: the uniforms to use (drawn from ``gen`` when None).
+    ``line``: ``x`` sorted (univariate data): the draws by binary search of prefix sums
+    (:meth:`SortedLine.seeds`).
     """
     n_trials = 2 + int(math.log(n_components)) if d2_weighting else 1
     if u is None:
         u = _uniform((n_components, n_init, n_trials), gen, x)  # (K, R, L)
+    if line is not None:
+        seeds, distinct_ok = line.seeds(n_components, u, d2_weighting)
+        return seeds.to(x.dtype), distinct_ok
     base = w.unsqueeze(1).expand(-1, n_init, -1)  # (B, R, N)
     step = compiled(_seed_step) if compile else _seed_step
     # The first seed: drawn by weight alone (every point "new", at infinite distance), one candidate.
@@ -256,6 +276,82 @@ class SortedLine:
             cells = new_cells
         return new_cells, mom, centers
 
+    def _gather(self, pos: Tensor) -> Tensor:
+        """The three prefix sums at positions ``pos (B, ...)``: ``(3, B, ...)``."""
+        b = pos.shape[0]
+        flat = pos.reshape(b, 1, -1).expand(b, 3, -1)
+        return torch.gather(self.prefix, 2, flat).transpose(0, 1).view(3, *pos.shape)
+
+    def _mass(self, lo: Tensor, hi: Tensor, c: Tensor, run: Optional[tuple], d2_weighting: bool) -> Tensor:
+        """Seeding mass of the sorted points in ``[lo, hi)`` (a part of the cell of center ``c``):
+        ``sum w (x - c)^2`` (``d2_weighting``), else ``sum w [x != c]`` (``run``: the positions of
+        the points equal to ``c``)."""
+        p_hi, p_lo = self._gather(hi), self._gather(lo)
+        if d2_weighting:
+            s0, s1, s2 = p_hi - p_lo
+            return (s2 - 2 * c * s1 + c.square() * s0).clamp_min(0)
+        e0, e1 = (t.clamp(lo, hi) for t in run)
+        return (p_hi[0] - p_lo[0] - (self._gather(e1)[0] - self._gather(e0)[0])).clamp_min(0)
+
+    def seeds(self, n_components: int, u: Tensor, d2_weighting: bool) -> tuple[Tensor, Tensor]:
+        """:func:`_seed_points` on the sorted line: ``(seeds (B, R, K, 1), distinct_ok (B, R))``
+        for uniforms ``u (K, R, L)``. The same draws in distribution (inverse CDF over the sorted
+        points: the cell by the cells' masses, then a binary search of the prefix sums in it,
+        instead of a pass over the points per candidate), the same greedy choice."""
+        b, n = self.values.shape
+        r = u.shape[1]
+        u = u.to(torch.float64)
+        total_w = self.prefix[:, 0, -1:].unsqueeze(-1)  # (B, 1, 1)
+
+        def by_weight(t: Tensor) -> Tensor:  # positions drawn by weight alone, targets (B, R, L)
+            return torch.searchsorted(self.prefix[:, 0, 1:].contiguous(), t.reshape(b, -1), side="right").view(t.shape)
+
+        centers = self.point(by_weight(u[0, :, :1].unsqueeze(0) * total_w))  # (B, R, 1)
+        distinct_ok = torch.ones((b, r), dtype=torch.bool, device=centers.device)
+        steps = max(1, math.ceil(math.log2(n + 1)))
+        for k in range(1, n_components):
+            cells = self.cells(centers.unsqueeze(-1))  # (B, R, J, 2), J = k
+            run = None
+            if not d2_weighting:
+                run = tuple(torch.searchsorted(self.values, centers.reshape(b, -1), side=side).view(b, r, k)
+                            for side in ("left", "right"))
+            mass = self._mass(cells[..., 0], cells[..., 1], centers, run, d2_weighting)  # (B, R, J)
+            order = torch.argsort(cells[..., 0], -1)  # cells in position order
+            cum = torch.gather(mass, -1, order).cumsum(-1)  # (B, R, J)
+            total = cum[..., -1:]
+            has_new = total.squeeze(-1) > 0
+            target = u[k].unsqueeze(0) * total  # (B, R, L)
+            slot = (cum.unsqueeze(-2) <= target.unsqueeze(-1)).sum(-1).clamp_max(k - 1)  # (B, R, L)
+            j = torch.gather(order, -1, slot)  # the drawn cell, by center index
+            target = target - torch.gather(cum, -1, slot) + torch.gather(mass, -1, j)  # mass left in the cell
+
+            def pick(t: Tensor) -> Tensor:
+                return torch.gather(t, -1, j)
+
+            lo, hi, c = pick(cells[..., 0]), pick(cells[..., 1]), pick(centers)
+            run_j = None if run is None else tuple(pick(t) for t in run)
+            start = lo
+            for _ in range(steps):  # the largest q in [start, end] with mass([start, q)) <= target
+                mid = (lo + hi + 1) // 2
+                ok = self._mass(start, mid, c, None if run_j is None else tuple(t for t in run_j), d2_weighting) <= target
+                lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid - 1)
+            cand = self.point(torch.where(has_new.unsqueeze(-1), lo, by_weight(u[k].unsqueeze(0) * total_w)))
+            ell = cand.shape[-1]
+            if ell > 1:  # greedy: the candidate that lowers the potential most
+                trial = torch.cat([centers.unsqueeze(2).expand(b, r, ell, k), cand.unsqueeze(-1)], -1).view(b, r * ell, k + 1)
+                mom = self.moments(self.cells(trial.unsqueeze(-1)))  # (B, R L, K+1, 3)
+                potential = (mom[..., 2] - 2 * trial * mom[..., 1] + trial.square() * mom[..., 0]).sum(-1).view(b, r, ell)
+                cand = torch.gather(cand, -1, potential.argmin(-1, keepdim=True))
+            centers = torch.cat([centers, cand[..., :1]], -1)
+            distinct_ok &= has_new
+        return centers.unsqueeze(-1), distinct_ok
+
+    def point(self, pos: Tensor) -> Tensor:
+        """The sorted values at positions ``pos (B, ...)`` (clamped to the last point)."""
+        b = pos.shape[0]
+        idx = pos.clamp(0, self.values.shape[-1] - 1).reshape(b, -1)
+        return torch.gather(self.values, 1, idx).view(pos.shape)
+
     def labels(self, cells: Tensor) -> Tensor:
         """The cell of every point, ``(B, R, N)`` in the points' own order."""
         b, r, k, _ = cells.shape
@@ -331,7 +427,7 @@ def _start(
         params, ok = params_from_responsibilities(x.unsqueeze(1), w.unsqueeze(1), resp, cov, reg)
         return params, torch.ones(x.shape[0], n_init, dtype=torch.bool, device=x.device)
     seeds, distinct_ok = _seed_points(
-        x, w, n_components, n_init, gen, d2_weighting=init_params != "random_from_data", compile=compile
+        x, w, n_components, n_init, gen, d2_weighting=init_params != "random_from_data", compile=compile, line=line
     )
     steps = KMEANS_MAX_ITER if init_params == "kmeans" else 1
     return _lloyd_params(x, w, seeds, steps, cov, reg, line, compile, chunk_size), distinct_ok
@@ -394,7 +490,7 @@ def _diverse_restarts(x: Tensor, w: Tensor, n_components: int, n_restarts: int, 
                 continue
             uu = u[:, idx.to(u.device)] if greedy else u[:, idx.to(u.device), :1]
             seeds, distinct = _seed_points(x, w, n_components, idx.numel(), gen, d2_weighting=greedy,
-                                           compile=compile, u=uu)
+                                           compile=compile, u=uu, line=line)
             parts.append(_lloyd_params(x, w, seeds, steps, cov, reg, line, compile, chunk_size))
             ok.append(distinct), order.append(idx)
     inverse = torch.argsort(torch.cat(order)).to(x.device)
