@@ -173,3 +173,34 @@ def test_model_selection_padding_never_moves():
     assert bool(valid.any())
     assert bool(torch.isneginf(start.log_weights[..., 2]).all())
     assert torch.allclose(start.log_weights.exp().sum(-1), torch.ones_like(valid, dtype=x.dtype))
+
+
+# -- the option of fit and GaussianMixture ------------------------------------------------------------
+def test_fit_refine_option_is_refine_after_fit():
+    x = torch.stack([three_clusters(seed=s) for s in range(3)])  # (3, 450, 2)
+    settings = dict(covariance_type="full", means_init=TRAPPED, tol=1e-6, max_iter=500)
+    trapped = torchgmm.fit(x, 3, **settings)
+    by_hand = refine(x, trapped, tol=1e-6, max_iter=500)
+    option = torchgmm.fit(x, 3, refine=True, **settings)
+    torch.testing.assert_close(option.lower_bound, by_hand.lower_bound, rtol=0, atol=1e-5)
+    torch.testing.assert_close(option.means, by_hand.means, rtol=0, atol=1e-4)
+    assert bool((option.lower_bound > trapped.lower_bound + 0.3).all())
+    # options reach refine: no rounds, nothing moves
+    none = torchgmm.fit(x, 3, refine={"n_rounds": 0}, **settings)  # (threads follow the load: rounding may differ)
+    torch.testing.assert_close(none.lower_bound, trapped.lower_bound, rtol=0, atol=1e-5)
+    gm = torchgmm.GaussianMixture(3, refine=True, **settings).fit(x)
+    torch.testing.assert_close(gm.lower_bound_, by_hand.lower_bound, rtol=0, atol=1e-5)
+
+
+def test_refine_option_errors_name_the_problem():
+    x = three_clusters(n=30)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['rounds'\]"):
+        torchgmm.fit(x, 3, refine={"rounds": 2})
+    with pytest.raises(TypeError, match="refine must be True, False or a dict"):
+        torchgmm.fit(x, 3, refine="yes")
+    with pytest.raises(ValueError, match="refine\\['n_split'\\]"):
+        torchgmm.fit(x, 3, refine={"n_split": -1})
+    with pytest.raises(ValueError, match="refine cannot be combined with a list of n_components"):
+        torchgmm.fit(x, [2, 3], refine=True)
+    with pytest.raises(ValueError, match="refine needs the data in memory"):
+        torchgmm.fit(torchgmm.stream.Stream([x[:40], x[40:]]), 3, refine=True)

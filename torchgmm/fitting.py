@@ -247,6 +247,7 @@ def fit(
     catch_interrupt: bool = True,
     progress=None,
     criterion: str = "bic",
+    refine=False,
     warn: bool = True,
 ) -> FitResult:
     """Fit independent Gaussian mixtures to every dataset of ``X (*B, N, D)`` at once.
@@ -272,12 +273,20 @@ def fit(
     goes on (None runs every restart to convergence, as scikit-learn). ``catch_interrupt``: Ctrl-C
     stops at an iteration boundary and returns the best-so-far result, flagged not converged, with
     a warning (False: the KeyboardInterrupt propagates). ``progress(iteration, n_active,
-    mean_objective)`` is called after every iteration.
+    mean_objective)`` is called after every iteration. ``refine``: after the restarts, try
+    merge/delete-and-split moves per series and keep those that raise the lower bound
+    (:func:`torchgmm.refine.refine`; True, or a dict of its options ``n_rounds``, ``n_merge``,
+    ``n_delete``, ``n_split``, ``min_gain``): reaches the best optimum in more cases than more
+    restarts in the same time, at ~3x the fit's time (docs/quality.md).
     """
     from . import stream as _stream  # X a re-iterable of chunks (or a shard of distributed data): torchgmm.stream
     if _stream.is_stream(X):
         return _stream.fit_stream(**{name: value for name, value in locals().items() if name != "_stream"})
+    refine_options = validation.check_refine(refine)
     candidates = _candidates(n_components)
+    if candidates is not None and refine_options is not None:
+        raise ValueError("refine cannot be combined with a list of n_components (model selection): "
+                         "fit the chosen K again with refine=True")
     if candidates is not None:
         n_components = max(candidates)
         if criterion not in CRITERIA:
@@ -349,6 +358,13 @@ def fit(
             insufficient=data.insufficient, batch_shape=data.batch_shape, method=method.name,
             score=None if crit is None else -crit.flatten(1),  # model selection: the lowest criterion wins
         )
+        if refine_options is not None and k > 1:
+            from .refine import refine as refine_fits  # the refits are plain fits of the moved starts
+
+            result = refine_fits(X, result, tol=tol, reg_covar=reg_covar, max_iter=max_iter, sample_weight=sample_weight,
+                                 nan_policy=nan_policy, dtype=dtype, device=device, method=method, prior=prior,
+                                 compile=compile, chunk_size=chunk_size, memory_budget=memory_budget,
+                                 catch_interrupt=catch_interrupt, **refine_options)
         if candidates is not None:
             result.criterion = crit.amin(-1).reshape(*data.batch_shape, len(candidates))  # each candidate's best
             k_best = torch.tensor(candidates, device=dev)[result.best_restart.reshape(-1) // n_init]

@@ -188,6 +188,11 @@ class GaussianMixture(GaussianAttributes, nn.Module):
         After that many EM iterations only each series' best restart goes on.
     criterion : {"bic", "aic"}, default "bic"
         How a list of ``n_components`` candidates is decided per series (lower is better).
+    refine : bool or dict, default False
+        After the restarts, try merge/delete-and-split moves per series and keep those that raise
+        the lower bound (``torchgmm.refine.refine``; a dict sets its ``n_rounds``, ``n_merge``,
+        ``n_delete``, ``n_split``, ``min_gain``). More often the best optimum than more restarts
+        in the same time, at about 3x the fit's time.
     process_group : None, "world" or torch.distributed.ProcessGroup, default None
         Data-parallel EM: ``X`` is this rank's shard of the points of the same series; every
         iteration all-reduces the statistics over the group, so every rank gets the fit of the
@@ -271,6 +276,7 @@ class GaussianMixture(GaussianAttributes, nn.Module):
         compile="auto",
         prune_after: Optional[int] = None,
         criterion: str = "bic",
+        refine=False,
         process_group=None,
         n_features: Optional[int] = None,
         batch_shape: Sequence[int] = (),
@@ -304,6 +310,7 @@ class GaussianMixture(GaussianAttributes, nn.Module):
         self.compile = compile
         self.prune_after = prune_after
         self.criterion = criterion
+        self.refine = refine
         self.process_group = process_group
         self.n_features = n_features
         self._init_batch_shape = batch_shape  # ``batch_shape`` is the property of the current parameters
@@ -485,6 +492,7 @@ class GaussianMixture(GaussianAttributes, nn.Module):
             compile=self.compile,
             prune_after=self.prune_after,
             criterion=self.criterion,
+            refine=self.refine,
             progress=progress,
             n_features=self.n_features,
             warn=True,

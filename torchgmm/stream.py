@@ -531,6 +531,7 @@ def fit_stream(
     catch_interrupt: bool = True,
     progress=None,
     criterion: str = "bic",
+    refine=False,
     warn: bool = True,
 ) -> FitResult:
     """``torchgmm.fit`` of a stream ``X`` (see the module docstring; ``fit`` calls this for a
@@ -545,6 +546,9 @@ def fit_stream(
             f"n_components={n_components!r}: model selection over several K is not supported for a stream "
             "(each K would need its own passes); fit each K separately and compare their bic/aic"
         )
+    if validation.check_refine(refine) is not None:
+        raise ValueError("refine needs the data in memory (its candidates are refitted on all points); "
+                         "refine=True is not supported for a stream")
     validation.check_settings(
         n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
         max_iter=max_iter, n_init=n_init, init_params=init_params, nan_policy=nan_policy, init_methods=INIT_METHODS,

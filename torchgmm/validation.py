@@ -93,6 +93,29 @@ def check_settings(
             )
 
 
+REFINE_OPTIONS = ("n_rounds", "n_merge", "n_delete", "n_split", "min_gain")
+
+
+def check_refine(refine) -> dict:
+    """``refine`` (False, True, or a dict of ``torchgmm.refine.refine``'s options) as the dict of
+    options to use, or None when off."""
+    if refine is None or refine is False:
+        return None
+    if refine is True:
+        return {}
+    if not isinstance(refine, dict):
+        raise TypeError(f"refine must be True, False or a dict of options {list(REFINE_OPTIONS)}, got {type(refine).__name__}")
+    unknown = sorted(set(refine) - set(REFINE_OPTIONS))
+    if unknown:
+        raise ValueError(f"refine={refine!r}: unknown option(s) {unknown}; choose among {list(REFINE_OPTIONS)}")
+    for name in ("n_rounds", "n_merge", "n_delete", "n_split"):
+        if name in refine:
+            _check_number(f"refine[{name!r}]", refine[name], low=0, integer=True)
+    if refine.get("min_gain") is not None:
+        _check_number("refine['min_gain']", refine["min_gain"], low=0.0)
+    return dict(refine)
+
+
 def _to_tensor(value, name: str) -> Tensor:
     if isinstance(value, Tensor):
         return value
