@@ -149,3 +149,16 @@ def test_seeds_on_the_sorted_line_of_shuffled_data_follow_the_same_distribution(
         sets.append(torch.unique(key, return_counts=True))
     assert torch.equal(sets[0][0], sets[1][0])  # the same seed sets occur
     np.testing.assert_allclose(sets[0][1] / 20000, sets[1][1] / 20000, atol=0.01)  # as often (3 sigma ~ 0.01)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "k-means++", "random_from_data"])
+def test_a_univariate_series_starts_the_same_alone_as_in_a_batch_on_the_sorted_line(method):
+    from torchgmm.init import LINE_MIN_POINTS
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 300, 1, generator=g, dtype=torch.float64) + torch.tensor([0.0, 4.0, 9.0]).repeat(100)[:, None]
+    assert 300 * 4 >= LINE_MIN_POINTS  # the sorted-line path
+    (batched, _), _, _ = start(x, method, n_init=4)
+    (alone, _), _, _ = start(x[3:4], method, n_init=4)
+    for a, b in zip(batched, alone):
+        torch.testing.assert_close(a[3:4], b, rtol=1e-12, atol=1e-12)

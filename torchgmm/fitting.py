@@ -130,7 +130,7 @@ def _initialize(xs, data: _Data, k, n_init, init_params, cov, reg, random_state,
     call on the whole batch would), with the given parameters in place of the drawn ones."""
     gen = make_generator(random_state)
     state, parts = gen.get_state(), []
-    block = block_series(plan.init_block_series, xs.shape[0], xs.shape[-2], xs.shape[-1], init_params)
+    block = block_series(plan.init_block_series, xs.shape[0], xs.shape[-2], xs.shape[-1], n_init, init_params)
     for part in even_slices(xs.shape[0], block):
         gen.set_state(state)
         parts.append(initialize(xs[part], data.w[part], k, n_init, init_params, cov, reg[part], gen,
