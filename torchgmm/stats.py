@@ -114,19 +114,21 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
     xg = xf.squeeze(-1).expand(*outer, n).reshape(g, 1, n)
     wg = wf.expand(*outer, n).reshape(g, 1, n)
     feats = torch.cat([torch.ones_like(xg), xg, xg.square()], -2)  # (G, 3, N)
-    # joint = c0 + c1 x + c2 x^2, (G, R K, N); the sums over components then add rows and the
-    # per-point factors broadcast over them (both fast); BLAS for large products only.
-    if g * r * k * n * 2 >= _BLAS_MIN_WORK:
-        joint = torch.baddbmm(coef[..., :1], coef[..., 1:], feats[:, 1:])
-    else:
-        joint = torch.addcmul(coef[..., :1], xg, torch.addcmul(coef[..., 1:2], xg, coef[..., 2:]))
-    joint = joint.view(g, r, k, n)
-    e = exp_normal(joint)
+    def joint_log_prob() -> Tensor:
+        """c0 + c1 x + c2 x^2, (G, R, K, N): the sums over components then add rows and the
+        per-point factors broadcast over them (both fast); BLAS for large products only."""
+        if g * r * k * n * 2 >= _BLAS_MIN_WORK:
+            joint = torch.baddbmm(coef[..., :1], coef[..., 1:], feats[:, 1:])
+        else:
+            joint = torch.addcmul(coef[..., :1], xg, torch.addcmul(coef[..., 1:2], xg, coef[..., 2:]))
+        return joint.view(g, r, k, n)
+
+    e = exp_normal(joint_log_prob(), inplace=True)
     s = e.sum(-2)  # (G, R, N)
     tiny = 2.0**-900 if dtype == torch.float64 else 2.0**-100
     if bool(s.amin() < tiny):  # every component underflowed: the exact logsumexp for those points
         bad = s < tiny
-        jb = joint.transpose(-1, -2)[bad]  # (n_bad, K)
+        jb = joint_log_prob().transpose(-1, -2)[bad]  # (n_bad, K), recomputed (rare)
         lse = torch.logsumexp(jb, -1)
         e.transpose(-1, -2)[bad] = torch.exp(jb - lse.unsqueeze(-1))
         s = torch.where(bad, torch.ones((), dtype=dtype), s)
