@@ -319,3 +319,23 @@ def test_whitened_statistics_in_float32_fall_back_where_the_product_would_cancel
     fast = whitened_statistics(x.float(), w.float(), params.map(lambda t: t.float()), "full")
     # the product U^T x - U^T mu would lose ~1e-3 of the scatter here; the differences keep ~1e-6
     torch.testing.assert_close(fast.scatter.double(), ref.scatter, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_univariate_statistics_at_points_where_every_component_underflows(dtype):
+    """Points hundreds of standard deviations from every component: exp underflows for all of
+    them, the exact logsumexp takes over for those points only (log-likelihood and
+    responsibilities as the difference-based E-step)."""
+    from torchgmm.density import GMMParams
+    from torchgmm.stats import e_step_statistics, univariate_statistics
+
+    x = torch.tensor([[-0.5, 0.1, 0.4, 60.0, -45.0]], dtype=torch.float64).unsqueeze(-1)  # (1, 5, 1)
+    w = torch.ones(1, 5, dtype=torch.float64)
+    params = GMMParams(torch.log(torch.tensor([[0.3, 0.7]], dtype=torch.float64)),
+                       torch.tensor([[[-0.4], [0.3]]], dtype=torch.float64), torch.full((1, 2, 1, 1), 4.0, dtype=torch.float64))
+    ref = e_step_statistics(x, w, params, "full")
+    fast = univariate_statistics(x.to(dtype), w.to(dtype), params.map(lambda t: t.to(dtype)), "full")
+    assert float(ref.log_lik) < -1e4  # the far points dominate: their joints are far below log(tiny)
+    tol = dict(rtol=1e-10, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-3)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a.double(), b, **tol)
