@@ -246,3 +246,39 @@ def test_every_covariance_type_has_the_density_of_its_full_covariance(seed, d, k
         torch.distributions.Categorical(logits=log_w), torch.distributions.MultivariateNormal(means, covariance_matrix=full)
     ).log_prob(x)
     torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+
+
+# -- the eager fast paths equal the difference-based E-step and the pass over the points ---------------
+@FAST
+@given(seed=seeds, n=st.integers(1, 60), k=st.integers(1, 5), r=st.integers(1, 4), steps=st.integers(1, 6))
+def test_lloyd_on_the_sorted_line_equals_the_pass_over_the_points(seed, n, k, r, steps):
+    from torchgmm.init import SortedLine, kmeans
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n, 1, generator=g, dtype=torch.float64) * 3
+    w = torch.rand(2, n, generator=g, dtype=torch.float64)
+    centers = torch.randn(2, r, k, 1, generator=g, dtype=torch.float64) * 3  # distinct with probability 1
+    labels, expected = kmeans(x, w, centers, max_iter=steps)
+    line = SortedLine(x, w)
+    cells, _, got = line.lloyd(centers, steps)
+    assert torch.equal(line.labels(cells), labels)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@FAST
+@given(seed=seeds, d=st.integers(2, 5), k=st.integers(1, 4), r=st.integers(1, 3), cov_type=st.sampled_from(["full", "tied"]))
+def test_whitened_statistics_equal_the_difference_based_statistics(seed, d, k, r, cov_type):
+    from torchgmm.stats import e_step_statistics, whitened_statistics
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 1, 40, d, generator=g, dtype=torch.float64)
+    w = torch.rand(2, 1, 40, generator=g, dtype=torch.float64)
+    a = torch.randn(2, r, k, d, d, generator=g, dtype=torch.float64)
+    covs = a @ a.mT + 0.1 * torch.eye(d, dtype=torch.float64)
+    cov = get_covariance(cov_type)
+    prec_chol, _ = cov.prec_chol_from_covariance(covs if cov_type == "full" else covs[:, :, 0], torch.full((2, r), 1e-6, dtype=torch.float64))
+    params = GMMParams(torch.log_softmax(torch.randn(2, r, k, generator=g, dtype=torch.float64), -1),
+                       torch.randn(2, r, k, d, generator=g, dtype=torch.float64), prec_chol)
+    ref, fast = e_step_statistics(x, w, params, cov), whitened_statistics(x, w, params, cov)
+    for a_, b_ in zip(fast, ref):
+        torch.testing.assert_close(a_, b_, rtol=1e-9, atol=1e-9)
