@@ -20,7 +20,7 @@ from ._compile import compiled
 from ._ops import even_slices, exp_normal
 from .covariance import Covariance, get_covariance
 from .density import GMMParams, univariate_quadratic
-from .loop import Batch, Start, Step, all_finite, tree_map
+from .loop import Batch, Start, Step, all_finite
 from .objective import penalized_params
 from .stats import _FLOAT32_EXPANSION_LIMIT, Stats, chunked_sum, e_step_statistics, fast_e_step_statistics, m_step
 
@@ -32,7 +32,7 @@ EMMap = Callable[..., tuple]
 
 def em_step(
     x, w, w_total, params: GMMParams, cov: Covariance, reg_covar, prior=None, chunk_size=None,
-    stats_fn=e_step_statistics, penalized: bool = False,
+    stats_fn=e_step_statistics, penalized: bool = False, block_members: Optional[int] = None,
 ):
     """One EM iteration for every member: ``(new_params, lower_bound (L), ok (L))``.
 
@@ -41,10 +41,14 @@ def em_step(
     parameters' leading dims ``L``. ``stats_fn`` is :func:`e_step_statistics` or its compiled
     twin. ``penalized``: the exact EM map of the shared objective ``F`` (``torchgmm.objective``):
     the E-step runs on the tilted log-weights, the M-step is the same, and the lower bound is
-    ``F(params)`` without the prior term.
+    ``F(params)`` without the prior term. ``block_members``: the statistics are taken on blocks of
+    about that many members (:func:`in_blocks`), the M-step once for all.
     """
     e_params = penalized_params(params, cov, reg_covar) if penalized else params
-    stats = chunked_sum(lambda xc, wc: stats_fn(xc, wc, e_params, cov), x, w, chunk_size)
+    stats = in_blocks(
+        lambda xb, wb, pb: chunked_sum(lambda xc, wc: stats_fn(xc, wc, pb, cov), xb, wb, chunk_size),
+        x, w, e_params, block_members,
+    )
     new, ok = m_step(stats, params.means, cov, reg_covar, prior)
     # A component of weight exactly 0 (masked: a model with fewer components) stays at weight 0;
     # only the M-step's guard against empty components would give it a tiny one.
@@ -52,28 +56,16 @@ def em_step(
     return new, stats.log_lik / w_total, ok
 
 
-def in_blocks(step: EMMap, block_members: Optional[int]) -> EMMap:
-    """``step`` run on blocks of about ``block_members`` members at a time (whole rows of dim 0:
-    series with their restarts, or single members once compacted), outputs concatenated: per
+def in_blocks(stats_of: Callable[..., Stats], x, w, params: GMMParams, block_members: Optional[int]) -> Stats:
+    """``stats_of(x, w, params)`` on blocks of about ``block_members`` members at a time (whole rows
+    of dim 0: series with their restarts, or single members once compacted), concatenated: per
     member the same numbers, but each block's temporaries stay in cache."""
-    if block_members is None:
-        return step
-
-    def blocked(x, w, w_total, params, cov, reg_covar, prior=None, chunk_size=None):
-        rows = params.log_weights.shape[0]
-        block_rows = max(1, block_members // params.log_weights.shape[1:-1].numel())
-        if rows <= block_rows:
-            return step(x, w, w_total, params, cov, reg_covar, prior, chunk_size)
-        outs = []
-        for part in even_slices(rows, block_rows):
-            outs.append(step(
-                x[part], w[part], w_total[part], params.map(lambda t: t[part]), cov, reg_covar[part],
-                tree_map(lambda t: t[part], prior), chunk_size,
-            ))
-        news, lls, oks = zip(*outs)
-        return GMMParams(*(torch.cat(ts) for ts in zip(*news))), torch.cat(lls), torch.cat(oks)
-
-    return blocked
+    rows = params.log_weights.shape[0]
+    block_rows = rows if block_members is None else max(1, block_members // params.log_weights.shape[1:-1].numel())
+    if rows <= block_rows:
+        return stats_of(x, w, params)
+    parts = [stats_of(x[part], w[part], params.map(lambda t: t[part])) for part in even_slices(rows, block_rows)]
+    return Stats(*(torch.cat(ts) for ts in zip(*parts)))
 
 
 def log_likelihood(x, w, w_total, params: GMMParams, cov, chunk_size=None) -> Tensor:
@@ -94,10 +86,10 @@ class EMRule:
         self.cov = get_covariance(covariance_type)
         self.chunk_size = chunk_size
         self.penalized = penalized
-        step = functools.partial(
-            em_step, stats_fn=compiled(e_step_statistics) if compile else fast_e_step_statistics, penalized=penalized
+        self.map: EMMap = functools.partial(
+            em_step, stats_fn=compiled(e_step_statistics) if compile else fast_e_step_statistics, penalized=penalized,
+            block_members=block_members,
         )
-        self.map: EMMap = in_blocks(step, block_members)
 
     def apply(self, batch: Batch, params: GMMParams) -> tuple[GMMParams, Tensor, Tensor]:
         """The EM map of flat ``params (S, ...)``: ``(new (S, ...), value (S,), ok (S,))``, ``ok``
