@@ -164,3 +164,21 @@ def test_broadcast_shapes_agrees_with_torchs():
         assert broadcast_shapes(*shapes) == torch.broadcast_shapes(*shapes)
     with pytest.raises(RuntimeError, match="do not broadcast"):
         broadcast_shapes((2, 3), (4, 3))
+
+
+def test_em_runs_in_inference_mode_but_returns_ordinary_tensors():
+    """EM fits run under torch.inference_mode (cheaper dispatch); what they return must not be
+    inference tensors: users update results in place, and the layer trains its parameters."""
+    x = series(b=2, n=60)
+    result = torchgmm.fit(x, 3, n_init=2, random_state=0)
+    tensors = [result.lower_bound, result.status, result.lower_bounds, result.restart_lower_bounds, *result.params]
+    assert not any(t.is_inference() for t in tensors)
+    result.means.add_(1.0)  # an inference tensor refuses this outside inference mode
+    refined = torchgmm.fit(x, 3, refine=True, random_state=0)
+    assert not any(t.is_inference() for t in refined.params)
+    gm = torchgmm.GaussianMixture(3, random_state=0).fit(x)
+    opt = torch.optim.SGD(gm.parameters(), lr=1e-3)
+    loss = -gm(x).mean()
+    loss.backward()
+    opt.step()  # in-place updates of the fitted parameters
+    assert all(p.grad is not None for p in gm.parameters() if p.requires_grad)

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import warnings
 from typing import NamedTuple, Optional
@@ -313,7 +315,11 @@ def fit(
     n_restarts = 1 if warm_start is not None or (weights_init is not None and means_init is not None and precisions_init is not None) else n_init
     plan = make_plan(n_series, n_init, k, n, d, max_iter, itemsize, dev, compile=compile, chunk_size=chunk_size,
                      memory_budget=memory_budget, blocked=method.blocked, n_restarts=n_restarts)
-    with threads(intra_op_threads(float(n_series) * n_restarts * n * k * d, dev)):
+    # EM and SQUAREM need no autograd: inference mode dispatches each operation faster (a 50-point
+    # fit 4.5 -> 3.5 ms); the result leaves it as normal tensors (_outside_inference_mode).
+    inference = method.name != "gradient"
+    with threads(intra_op_threads(float(n_series) * n_restarts * n * k * d, dev)), \
+            (torch.inference_mode() if inference else contextlib.nullcontext()):
         xs, scaling, reg = _scale(data, reg_covar, plan.compile, warn, stacklevel=2)
         check_memory(n_series * n_init, k, d, cov, itemsize, dev)
 
@@ -371,4 +377,17 @@ def fit(
             result.n_components = k_best.reshape(data.batch_shape)
         if warn:
             result.warn(stacklevel=3, convergence=max_iter > 0)
-        return result
+        return _outside_inference_mode(result) if inference else result
+
+
+def _outside_inference_mode(result: FitResult) -> FitResult:
+    """``result`` with its tensors cloned outside inference mode: tensors made inside it refuse
+    in-place updates and autograd afterwards, which users of a result (and the layer) may do."""
+
+    def normal(value):
+        if isinstance(value, Tensor):
+            return value.clone()
+        return value.map(lambda t: t.clone()) if isinstance(value, GMMParams) else value
+
+    with torch.inference_mode(False):
+        return FitResult(**{f.name: normal(getattr(result, f.name)) for f in dataclasses.fields(result)})
