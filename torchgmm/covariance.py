@@ -48,8 +48,8 @@ def cholesky_with_jitter(matrix: Tensor, jitter: Tensor) -> tuple[Tensor, Tensor
     the identity (finite, never NaN) and the caller decides what to do with that member.
     """
     if matrix.shape[-1] == 1:  # univariate: a square root, without LAPACK's per-matrix overhead
-        ok = (matrix > 0).squeeze(-1).squeeze(-1)
-        return torch.where(matrix > 0, matrix, torch.ones_like(matrix)).sqrt(), ok
+        positive = matrix > 0
+        return torch.where(positive, matrix, 1.0).sqrt(), positive[..., 0, 0]
     chol, info = torch.linalg.cholesky_ex(matrix)
     ok = info == 0
     if not bool(ok.all()):
@@ -197,6 +197,11 @@ class Covariance:
         """Coefficient of ``sum log det U`` in the log prior density."""
         raise NotImplementedError
 
+    def univariate_scatter(self, sum_sq: Tensor) -> Tensor:
+        """:meth:`scatter` of univariate data (``D = 1``) from each component's weighted sum of
+        squared differences ``sum_sq (*B, K)`` (a view: the fast paths' moments are already sums)."""
+        raise NotImplementedError
+
     def scatter_form(self, values: Tensor, n_components: int, n_features: int) -> Tensor:
         """Per-type values (``prec_chol``-shaped, e.g. precisions) expanded to the shape of
         :meth:`scatter`, so that ``(prior_scatter * scatter_form(P)).sum()`` is ``sum tr(scale P)``."""
@@ -259,12 +264,16 @@ class Full(Covariance):
     def scatter(self, diff, resp):
         return matmul((diff * resp.unsqueeze(-1)).mT, diff)  # (*B, K, D, D)
 
+    def univariate_scatter(self, sum_sq):
+        return sum_sq[..., None, None]
+
     def _centred(self, nk, shift, scatter):
         return scatter - nk[..., None, None] * shift.unsqueeze(-1) * shift.unsqueeze(-2)  # (*B, K, D, D)
 
     def covariance(self, nk, shift, scatter, reg_covar, count=None):
         cov = self._centred(nk, shift, scatter) / (nk if count is None else count)[..., None, None]
-        cov = 0.5 * (cov + cov.mT)
+        if cov.shape[-1] > 1:  # (a 1 x 1 matrix is symmetric)
+            cov = 0.5 * (cov + cov.mT)
         return cov + _diag_matrix(reg_covar[..., None], cov)
 
     def valid_precision(self, precision):
@@ -387,6 +396,9 @@ class Diag(Covariance):
     def scatter(self, diff, resp):
         return matmul(resp.unsqueeze(-2), diff.square()).squeeze(-2)  # (*B, K, D)
 
+    def univariate_scatter(self, sum_sq):
+        return sum_sq[..., None]
+
     def covariance(self, nk, shift, scatter, reg_covar, count=None):
         var = (scatter - nk[..., None] * shift.square()).clamp_min(0.0) / (nk if count is None else count)[..., None]
         return var + reg_covar[..., None, None]
@@ -472,6 +484,8 @@ class Spherical(Diag):
 
 def _diag_matrix(values: Tensor, like: Tensor) -> Tensor:
     """``values (...)`` on the diagonal of a matrix shaped like ``like (..., D, D)``."""
+    if like.shape[-1] == 1:
+        return values[..., None, None]
     eye = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device)
     return values[..., None, None] * eye
 

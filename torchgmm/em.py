@@ -161,8 +161,7 @@ class UnivariateEMRule:
         s0, s1, s2 = (feats @ e).unbind(-2)  # (*L, K) each: sums of r, r x, r x^2
         sum_diff = s1 - s0 * mu  # about the current means
         centred = s2 - mu * (s1 + sum_diff)  # sum r (x - mu)^2
-        ones = torch.ones(centred.shape + (1, 1), dtype=centred.dtype, device=centred.device)
-        stats = Stats(s0, sum_diff.unsqueeze(-1), self.cov.scatter(ones, centred.unsqueeze(-1)), value)
+        stats = Stats(s0, sum_diff.unsqueeze(-1), self.cov.univariate_scatter(centred), value)
         new, ok = m_step(stats, p.means, self.cov, batch.reg)
         # a component of weight exactly 0 (masked) stays at 0, as in em_step
         new = new._replace(log_weights=torch.where(torch.isneginf(p.log_weights), p.log_weights, new.log_weights))

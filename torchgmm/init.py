@@ -376,8 +376,7 @@ class SortedLine:
         s0, s1, s2 = mom.unbind(-1)
         c = centers.squeeze(-1).to(torch.float64)
         centred = (s2 - 2 * c * s1 + c.square() * s0).clamp_min(0).to(dtype)
-        ones = torch.ones(centred.shape + (1, 1), dtype=dtype, device=centers.device)
-        return Stats(s0.to(dtype), (s1 - s0 * c).unsqueeze(-1).to(dtype), cov.scatter(ones, centred.unsqueeze(-1)),
+        return Stats(s0.to(dtype), (s1 - s0 * c).unsqueeze(-1).to(dtype), cov.univariate_scatter(centred),
                      torch.zeros(s0.shape[:-1], dtype=dtype, device=centers.device))
 
 

@@ -145,8 +145,7 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
     mu = params.means.squeeze(-1)
     sum_diff = s1 - s0 * mu
     centred = s2 - 2 * mu * s1 + mu.square() * s0  # sum r (x - mu)^2
-    ones = torch.ones(centred.shape + (1, 1), dtype=dtype, device=x.device)
-    return Stats(s0, sum_diff.unsqueeze(-1), cov.scatter(ones, centred.unsqueeze(-1)), log_lik)
+    return Stats(s0, sum_diff.unsqueeze(-1), cov.univariate_scatter(centred), log_lik)
 
 
 def _fold(x: Tensor, w: Tensor, lead: tuple) -> tuple:
@@ -270,8 +269,7 @@ def partition_statistics(x: Tensor, w: Tensor, labels: Tensor, centers: Tensor, 
         s0, s1, s2 = moments.unbind(-1)
         c = centers.squeeze(-1).to(torch.float64)
         centred = (s2 - 2 * c * s1 + c.square() * s0).to(x.dtype)
-        ones = torch.ones(centred.shape + (1, 1), dtype=x.dtype, device=x.device)
-        return Stats(s0.to(x.dtype), (s1 - s0 * c).unsqueeze(-1).to(x.dtype), cov.scatter(ones, centred.unsqueeze(-1)),
+        return Stats(s0.to(x.dtype), (s1 - s0 * c).unsqueeze(-1).to(x.dtype), cov.univariate_scatter(centred),
                      torch.zeros(s0.shape[:-1], dtype=x.dtype, device=x.device))
     resp = (labels.unsqueeze(-2) == ks).to(x.dtype) * w.unsqueeze(-2)  # (*B, K, N)
     diff = x.unsqueeze(-3) - centers.unsqueeze(-2)  # (*B, K, N, D)
