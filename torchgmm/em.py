@@ -131,6 +131,8 @@ class UnivariateEMRule:
     def __init__(self, covariance_type: str | Covariance):
         self.cov = get_covariance(covariance_type)
         self._tripped: Optional[Tensor] = None
+        self._masked = False  # some component has weight exactly 0 (model selection's padding)
+        self._feats: tuple = (None, None)  # (the batch's x, its weighted [1, x, x^2]): constant per batch
 
     def tripped(self) -> bool:
         """Whether a guard fired during the run (one synchronization)."""
@@ -138,7 +140,15 @@ class UnivariateEMRule:
 
     def start(self, batch: Batch, params: GMMParams) -> Start:
         self._tripped = torch.zeros((), dtype=torch.bool, device=params.means.device)
+        self._masked = bool(torch.isneginf(params.log_weights).any())
         return Start(params)
+
+    def _weighted_features(self, batch: Batch) -> Tensor:
+        """``[w, w x, w x^2]`` of the batch's points, ``(*L', 3, N)``, computed once per batch."""
+        if self._feats[0] is not batch.x:
+            x, w = batch.x.squeeze(-1), batch.w
+            self._feats = (batch.x, torch.stack([w, w * x, w * x.square()], -2))
+        return self._feats[1]
 
     def params(self, state: GMMParams) -> GMMParams:
         return state
@@ -157,14 +167,13 @@ class UnivariateEMRule:
         s = e.sum(-1)  # (*L, N)
         value = (w * s.log()).sum(-1) / batch.w_total  # (*L): mean log-likelihood before the update
         e.div_(s.unsqueeze(-1))  # responsibilities
-        feats = torch.stack([w, w * x.squeeze(-1), w * x.squeeze(-1).square()], -2)  # (*L', 3, N)
-        s0, s1, s2 = (feats @ e).unbind(-2)  # (*L, K) each: sums of r, r x, r x^2
+        s0, s1, s2 = (self._weighted_features(batch) @ e).unbind(-2)  # (*L, K) each: sums of r, r x, r x^2
         sum_diff = s1 - s0 * mu  # about the current means
         centred = s2 - mu * (s1 + sum_diff)  # sum r (x - mu)^2
         stats = Stats(s0, sum_diff.unsqueeze(-1), self.cov.univariate_scatter(centred), value)
         new, ok = m_step(stats, p.means, self.cov, batch.reg)
-        # a component of weight exactly 0 (masked) stays at 0, as in em_step
-        new = new._replace(log_weights=torch.where(torch.isneginf(p.log_weights), p.log_weights, new.log_weights))
+        if self._masked:  # a component of weight exactly 0 stays at 0, as in em_step
+            new = new._replace(log_weights=torch.where(torch.isneginf(p.log_weights), p.log_weights, new.log_weights))
         low = s.amin() < (2.0**-900 if x.dtype == torch.float64 else 2.0**-100)
         unsafe = (c2 * mu.square()).amin() < -_FLOAT32_EXPANSION_LIMIT if x.dtype != torch.float64 else low
         self._tripped = self._tripped | low | unsafe | ~torch.isfinite(value).all()

@@ -242,13 +242,16 @@ def run_members(
     )
     history = torch.full((m, max_iter), torch.nan, dtype=dtype, device=device)
     passes = torch.full((m, max_iter), torch.nan, dtype=dtype, device=device)
-    elapsed = torch.full((max_iter,), torch.nan, dtype=torch.float64)
+    elapsed: list = []  # seconds at the end of each iteration (a tensor at the end)
+
+    def elapsed_tensor() -> Tensor:
+        return torch.tensor(elapsed + [torch.nan] * (max_iter - len(elapsed)), dtype=torch.float64)
 
     idx = torch.arange(m, device=device)  # the working members
     batch = members.batch()
     if max_iter == 0:
         lower_bound = rule.objective(batch, out)
-        return MemberRun(out, lower_bound, *out_track[2:5], history, passes, elapsed, False)
+        return MemberRun(out, lower_bound, *out_track[2:5], history, passes, elapsed_tensor(), False)
 
     start = rule.start(batch, init.map(lambda t: t.reshape(m, *t.shape[2:])))  # never aliases `out`
     state, track = start.state, out_track
@@ -311,7 +314,7 @@ def run_members(
                 active & ~converged_now & ~failed_now,
                 pending.append(record),
             )
-            elapsed[it] = time.perf_counter() - clock
+            elapsed.append(time.perf_counter() - clock)
             if progress is not None:
                 progress(it + 1, int(active.sum()), float(s.value[active].mean()) if bool(active.any()) else float("nan"))
             if prune_after is not None and it + 1 == prune_after and members.n_init > 1:
@@ -339,7 +342,7 @@ def run_members(
         interrupted = True
     write_back()
     return MemberRun(out, out_track.lower_bound, out_track.n_iter, out_track.converged, out_track.failed,
-                     history, passes, elapsed, interrupted)
+                     history, passes, elapsed_tensor(), interrupted)
 
 
 def run(rule: StepRule, x: Tensor, w: Tensor, reg: Tensor, init: GMMParams, tol: float, max_iter: int, *,
