@@ -231,3 +231,22 @@ def test_huge_scale_float32_series_fits_without_nan():
 
     assert_finite_params(result)
     torch.testing.assert_close(result.means.double() / scale, reference.means, rtol=1e-3, atol=1e-3)
+
+
+def test_float32_flags_the_same_components_as_float64(seed_x):
+    """Narrow but sound components (two clusters 100 apart, std 0.1: variance 4e-6 of the series'
+    in standardized units) are not collapsed in float32 either; a component collapsed onto the
+    bundled series' repeated value is flagged in both precisions."""
+    g = torch.Generator().manual_seed(0)
+    narrow = torch.cat([torch.randn(200, generator=g) * 0.1, torch.randn(200, generator=g) * 0.1 + 100])
+    for dtype in (torch.float64, torch.float32):
+        result = torchgmm.fit(narrow.to(dtype), 2, random_state=0)
+        assert int(result.status) == FitStatus.OK, dtype
+        assert not bool(result.degenerate_components.any()), dtype
+    flags = []
+    for dtype in (torch.float64, torch.float32):
+        with pytest.warns(DegenerateWarning):
+            result = torchgmm.fit(seed_x.to(dtype), 3, init_params="random_from_data", random_state=3, tol=1e-6)
+        assert int(result.status) == FitStatus.DEGENERATE, dtype
+        flags.append(result.degenerate_components.tolist())
+    assert flags[0] == flags[1]

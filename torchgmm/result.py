@@ -93,8 +93,13 @@ class FitResult:
         lb = run.lower_bound.reshape(n_series, n_restarts)  # (B, R)
         failed = run.failed.reshape(n_series, n_restarts)
         min_var = cov.min_variance(cov.covariance_from_prec_chol(params_m.prec_chol), k)  # (B, R, K)
-        floor = torch.clamp_min(DEGENERATE_FACTOR * reg, 100 * torch.finfo(lb.dtype).eps)
-        degenerate = (min_var <= floor[:, None, None]) & ~torch.isneginf(params_m.log_weights)  # (B, R, K)
+        # Collapsed: within DEGENERATE_FACTOR x reg_covar, or (float32) within what rounding the
+        # component's own mean leaves of a variance, (100 eps (1 + |mu|))^2 in standardized units;
+        # not a fixed 100 eps, which flagged narrow but sound float32 components (std < 0.35% of
+        # the series' spread: two clusters 100 apart with std 0.1).
+        rounding = (100 * torch.finfo(lb.dtype).eps * (1 + params_m.means.norm(dim=-1))).square()  # (B, R, K)
+        floor = torch.maximum(DEGENERATE_FACTOR * reg[:, None, None], rounding)
+        degenerate = (min_var <= floor) & ~torch.isneginf(params_m.log_weights)  # (B, R, K)
         score = lb if score is None else score
 
         def best_of(mask):
