@@ -25,7 +25,7 @@ from ._compile import compiled
 from ._ops import matmul, product
 from .covariance import Covariance, get_covariance
 from .density import GMMParams
-from .stats import chunked_sum, m_step, params_from_responsibilities, partition_statistics, point_chunks
+from .stats import chunked_sum, m_step, params_from_responsibilities, partition_statistics, point_chunks, sum_sq_about
 
 __all__ = ["INIT_METHODS", "initialize", "kmeans", "make_generator"]
 
@@ -234,9 +234,8 @@ class SortedLine:
         self.order = order
 
     def cells(self, centers: Tensor) -> Tensor:
-        """Each cell's end in sorted order, ``(B, R, K)`` (its start: the previous cell's end, in
-        the centers' sorted order) for ``centers (B, R, K, 1)``; returned per center, in the
-        centers' own order, as ``(start, end)`` pairs ``(B, R, K, 2)``."""
+        """The cell of each of ``centers (B, R, K, 1)`` as ``(start, end)`` positions in sorted
+        order, ``(B, R, K, 2)`` (centers in their own order; an empty cell has ``start == end``)."""
         c = centers.squeeze(-1).to(torch.float64)  # (B, R, K)
         b, r, k = c.shape
         sorted_c, rank = torch.sort(c, dim=-1, stable=True)  # equal centers keep index order
@@ -296,7 +295,7 @@ class SortedLine:
         p_hi, p_lo = self._gather(hi), self._gather(lo)
         if d2_weighting:
             s0, s1, s2 = p_hi - p_lo
-            return (s2 - 2 * c * s1 + c.square() * s0).clamp_min(0)
+            return sum_sq_about(s0, s1, s2, c).clamp_min(0)
         e0, e1 = (t.clamp(lo, hi) for t in run)
         return (p_hi[0] - p_lo[0] - (self._gather(e1)[0] - self._gather(e0)[0])).clamp_min(0)
 
@@ -340,14 +339,14 @@ class SortedLine:
             start = lo
             for _ in range(steps):  # the largest q in [start, end] with mass([start, q)) <= target
                 mid = (lo + hi + 1) // 2
-                ok = self._mass(start, mid, c, None if run_j is None else tuple(t for t in run_j), d2_weighting) <= target
+                ok = self._mass(start, mid, c, run_j, d2_weighting) <= target
                 lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid - 1)
             cand = self.point(torch.where(has_new.unsqueeze(-1), lo, by_weight(u[k].unsqueeze(0) * total_w)))
             ell = cand.shape[-1]
             if ell > 1:  # greedy: the candidate that lowers the potential most
                 trial = torch.cat([centers.unsqueeze(2).expand(b, r, ell, k), cand.unsqueeze(-1)], -1).view(b, r * ell, k + 1)
                 mom = self.moments(self.cells(trial.unsqueeze(-1)))  # (B, R L, K+1, 3)
-                potential = (mom[..., 2] - 2 * trial * mom[..., 1] + trial.square() * mom[..., 0]).sum(-1).view(b, r, ell)
+                potential = sum_sq_about(*mom.unbind(-1), trial).sum(-1).view(b, r, ell)
                 cand = torch.gather(cand, -1, potential.argmin(-1, keepdim=True))
             centers = torch.cat([centers, cand[..., :1]], -1)
             distinct_ok &= has_new
@@ -375,7 +374,7 @@ class SortedLine:
         dtype = centers.dtype
         s0, s1, s2 = mom.unbind(-1)
         c = centers.squeeze(-1).to(torch.float64)
-        centred = (s2 - 2 * c * s1 + c.square() * s0).clamp_min(0).to(dtype)
+        centred = sum_sq_about(s0, s1, s2, c).clamp_min(0).to(dtype)
         return Stats(s0.to(dtype), (s1 - s0 * c).unsqueeze(-1).to(dtype), cov.univariate_scatter(centred),
                      torch.zeros(s0.shape[:-1], dtype=dtype, device=centers.device))
 

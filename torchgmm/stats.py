@@ -21,10 +21,17 @@ from .covariance import Covariance, get_covariance
 from .density import GMMParams, _log_peak, joint_log_prob_and_diff, univariate_coefficients, whitened
 
 __all__ = [
-    "Stats", "statistics", "e_step_statistics", "univariate_statistics", "fast_e_step_statistics", "partition_statistics", "m_step",
+    "Stats", "sum_sq_about", "statistics", "e_step_statistics", "univariate_statistics", "fast_e_step_statistics", "partition_statistics", "m_step",
     "chunked_sum", "point_chunks",
     "params_from_responsibilities",
 ]
+
+
+def sum_sq_about(s0: Tensor, s1: Tensor, s2: Tensor, c: Tensor) -> Tensor:
+    """``sum w (x - c)^2`` from a univariate cell's sums ``s0 = sum w``, ``s1 = sum w x``,
+    ``s2 = sum w x^2`` (the fast paths' moments; exact in float64, guarded in float32 by the
+    callers' expansion limits)."""
+    return s2 - 2 * c * s1 + c.square() * s0
 
 
 class Stats(NamedTuple):
@@ -144,7 +151,7 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
     s0, s1, s2 = moments.unbind(-1)  # (*L, K) each
     mu = params.means.squeeze(-1)
     sum_diff = s1 - s0 * mu
-    centred = s2 - 2 * mu * s1 + mu.square() * s0  # sum r (x - mu)^2
+    centred = sum_sq_about(s0, s1, s2, mu)  # sum r (x - mu)^2
     return Stats(s0, sum_diff.unsqueeze(-1), cov.univariate_scatter(centred), log_lik)
 
 
@@ -268,7 +275,7 @@ def partition_statistics(x: Tensor, w: Tensor, labels: Tensor, centers: Tensor, 
             moments = product(resp, feats)  # (*B, K, 3)
         s0, s1, s2 = moments.unbind(-1)
         c = centers.squeeze(-1).to(torch.float64)
-        centred = (s2 - 2 * c * s1 + c.square() * s0).to(x.dtype)
+        centred = sum_sq_about(s0, s1, s2, c).to(x.dtype)
         return Stats(s0.to(x.dtype), (s1 - s0 * c).unsqueeze(-1).to(x.dtype), cov.univariate_scatter(centred),
                      torch.zeros(s0.shape[:-1], dtype=x.dtype, device=x.device))
     resp = (labels.unsqueeze(-2) == ks).to(x.dtype) * w.unsqueeze(-2)  # (*B, K, N)
