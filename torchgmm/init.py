@@ -231,6 +231,7 @@ class SortedLine:
         self.values = values.contiguous()
         # (B, 3, N + 1): prefix sums of w, w x, w x^2, from 0
         self.prefix = torch.stack([torch.cat([zero, t.cumsum(-1)], -1) for t in (ws, ws * values, ws * values.square())], -2)
+        self.cum_weight = self.prefix[:, 0, 1:].contiguous()  # (B, N): weight up to and including each point
         self.order = order
 
     def cells(self, centers: Tensor) -> Tensor:
@@ -310,7 +311,7 @@ class SortedLine:
         total_w = self.prefix[:, 0, -1:].unsqueeze(-1)  # (B, 1, 1)
 
         def by_weight(t: Tensor) -> Tensor:  # positions drawn by weight alone, targets (B, R, L)
-            return torch.searchsorted(self.prefix[:, 0, 1:].contiguous(), t.reshape(b, -1), side="right").view(t.shape)
+            return torch.searchsorted(self.cum_weight, t.reshape(b, -1), side="right").view(t.shape)
 
         centers = self.point(by_weight(u[0, :, :1].unsqueeze(0) * total_w))  # (B, R, 1)
         distinct_ok = torch.ones((b, r), dtype=torch.bool, device=centers.device)
