@@ -162,3 +162,17 @@ def test_a_univariate_series_starts_the_same_alone_as_in_a_batch_on_the_sorted_l
     (alone, _), _, _ = start(x[3:4], method, n_init=4)
     for a, b in zip(batched, alone):
         torch.testing.assert_close(a[3:4], b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "k-means++", "random_from_data"])
+def test_padding_with_zero_weight_changes_no_start_on_the_sorted_line(method):
+    """Zero-weight points sort among the others (standardized to 0) but carry no mass: the same
+    draws, cells and starts as the unpadded series."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 300, 1, generator=g, dtype=torch.float64) + torch.tensor([0.0, 5.0, 11.0]).repeat(100)[:, None]
+    padded = torch.cat([x, torch.full((2, 60, 1), 1e6, dtype=x.dtype)], 1)
+    w = torch.cat([torch.ones(2, 300), torch.zeros(2, 60)], 1).to(x.dtype)
+    (plain, _), _, _ = start(x, method, n_init=4)  # 300 x 4 points x restarts: the sorted line
+    (pad, _), _, _ = start(padded, method, n_init=4, w=w)
+    for a, b in zip(plain, pad):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
