@@ -339,3 +339,25 @@ def test_univariate_statistics_at_points_where_every_component_underflows(dtype)
     tol = dict(rtol=1e-10, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-3)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a.double(), b, **tol)
+
+
+def test_whitened_statistics_fall_back_per_row_in_a_mixed_batch():
+    """Only the rows (series with their restarts) whose product would cancel digits take the
+    difference form; the others keep the whitened path; all rows match the float64 reference."""
+    from torchgmm.density import GMMParams
+    from torchgmm.stats import e_step_statistics, whitened_statistics
+
+    g = torch.Generator().manual_seed(1)
+    tight = 100 + 1e-2 * torch.randn(1, 200, 3, dtype=torch.float64, generator=g)  # |mu U| ~ 2e4
+    loose = torch.randn(2, 200, 3, dtype=torch.float64, generator=g)
+    x = torch.cat([loose[:1], tight, loose[1:]]).float().double()  # (3, 200, 3): row 1 needs the fallback
+    w = torch.ones(3, 200, dtype=torch.float64)
+    means = x.mean(1, keepdim=True).expand(3, 2, 3).float().double()
+    prec = torch.stack([torch.eye(3), 100 * torch.eye(3), torch.eye(3)]).double().unsqueeze(1).expand(3, 2, 3, 3)
+    params = GMMParams(torch.log(torch.full((3, 2), 0.5, dtype=torch.float64)), means, prec)
+    ref = e_step_statistics(x, w, params, "full")
+    fast = whitened_statistics(x.float(), w.float(), params.map(lambda t: t.float()), "full")
+    for a, b in zip(fast, ref):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.scatter[1].double(), ref.scatter[1], rtol=1e-4, atol=0)  # digits kept

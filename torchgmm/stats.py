@@ -179,10 +179,19 @@ def whitened_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_type
     u = cov.whitener(params.prec_chol, k)  # (*L, K, D, D)
     if x.dtype != torch.float64:
         # y rounds by eps |mu U|, a joint near the component (|y| ~ sqrt(D)) by eps sqrt(D) |mu U|:
-        # kept within the univariate path's budget (eps 2 _FLOAT32_EXPANSION_LIMIT nats)
-        shift_sq = (params.means.unsqueeze(-2) @ u).square().sum(-1).amax()
-        if not bool(shift_sq * d < 4 * _FLOAT32_EXPANSION_LIMIT**2):  # (NaN parameters too)
-            return e_step_statistics(x, w, params, cov)
+        # kept within the univariate path's budget (eps 2 _FLOAT32_EXPANSION_LIMIT nats); rows
+        # (dim 0: a series with its restarts) beyond it take the difference form, the others not
+        shift_sq = (params.means.unsqueeze(-2) @ u).square().sum(-1)  # (*L, K)
+        unsafe = ~(shift_sq * d < 4 * _FLOAT32_EXPANSION_LIMIT**2)  # (NaN parameters too)
+        if bool(unsafe.any()):
+            rows = unsafe.reshape(unsafe.shape[0], -1).any(-1).nonzero().squeeze(-1) if lead else None
+            if rows is None or x.shape[0] != lead[0] or w.shape[0] != lead[0] or len(rows) == lead[0]:
+                return e_step_statistics(x, w, params, cov)
+            keep = torch.ones(lead[0], dtype=torch.bool, device=x.device).index_fill_(0, rows, False).nonzero().squeeze(-1)
+            safe = whitened_statistics(x[keep], w[keep], params.map(lambda t: t[keep]), cov)
+            exact = e_step_statistics(x[rows], w[rows], params.map(lambda t: t[rows]), cov)
+            return Stats(*(torch.empty((lead[0],) + a.shape[1:], dtype=a.dtype, device=a.device)
+                           .index_copy_(0, keep, a).index_copy_(0, rows, b) for a, b in zip(safe, exact)))
     outer, xf, wf, r = _fold(x, w, lead)
     g = outer.numel()  # rows of the products: (G, R K, ...)
 
