@@ -361,3 +361,25 @@ def test_whitened_statistics_fall_back_per_row_in_a_mixed_batch():
         assert a.shape == b.shape
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast.scatter[1].double(), ref.scatter[1], rtol=1e-4, atol=0)  # digits kept
+
+
+def test_univariate_statistics_take_float64_per_row_in_a_mixed_batch():
+    """float32: a row with a tight component far from the series' centre runs in float64 (its
+    scatter keeps its digits), the other rows stay float32; every row matches the reference."""
+    from torchgmm.density import GMMParams
+    from torchgmm.stats import e_step_statistics, univariate_statistics
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 200, 1, dtype=torch.float64, generator=g)
+    x[1] = 40 + 1e-3 * x[1]  # q mu^2 / 2 ~ 8e8 nats: far beyond the expansion limit
+    x = x.float().double()
+    w = torch.ones(3, 200, dtype=torch.float64)
+    means = x.mean(1, keepdim=True).expand(3, 2, 1).float().double()
+    prec = torch.tensor([1.0, 1e3, 1.0], dtype=torch.float64)[:, None, None, None].expand(3, 2, 1, 1)
+    params = GMMParams(torch.log(torch.full((3, 2), 0.5, dtype=torch.float64)), means, prec)
+    ref = e_step_statistics(x, w, params, "full")
+    fast = univariate_statistics(x.float(), w.float(), params.map(lambda t: t.float()), "full")
+    for a, b in zip(fast, ref):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.scatter[1].double(), ref.scatter[1], rtol=1e-4, atol=0)

@@ -102,11 +102,14 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
     if dtype != torch.float64:
         # Near component k (where its joint matters) the expansion cancels terms of size q mu^2 / 2;
         # far from it the rounding is relative to the joint itself, as in the direct form.
-        term = (-coef[..., 2] * params.means.squeeze(-1).square()).amax()
-        if not bool(term < _FLOAT32_EXPANSION_LIMIT):  # (NaN parameters too: float64 decides)
-            f64 = torch.float64
-            stats = univariate_statistics(x.to(f64), w.to(f64), params.map(lambda t: t.to(f64)), cov)
-            return Stats(*(t.to(dtype) for t in stats))
+        unsafe = ~(-coef[..., 2] * params.means.squeeze(-1).square() < _FLOAT32_EXPANSION_LIMIT)  # (NaN too)
+        if bool(unsafe.any()):  # those rows in float64
+
+            def in_float64(xr, wr, pr):
+                f64 = torch.float64
+                return Stats(*(t.to(dtype) for t in univariate_statistics(xr.to(f64), wr.to(f64), pr.map(lambda t: t.to(f64)), cov)))
+
+            return _rows_apart(unsafe, x, w, params, lambda *a: univariate_statistics(*a, cov), in_float64)
     lead, k, n = coef.shape[:-2], coef.shape[-2], x.shape[-2]
     x_lead = x.shape[:-2]
     fold = len(x_lead) == len(lead) >= 1 and x_lead[-1] == 1 and lead[-1] > 1
@@ -165,6 +168,23 @@ def _fold(x: Tensor, w: Tensor, lead: tuple) -> tuple:
     return broadcast_shapes(x_lead, lead), x, w, 1
 
 
+def _rows_apart(unsafe: Tensor, x: Tensor, w: Tensor, params: GMMParams, fast: Callable, exact: Callable) -> Stats:
+    """Statistics with the rows of dim 0 (a series with its restarts) where ``unsafe (*L, ...)``
+    holds anywhere from ``exact(x, w, params)``, the other rows from ``fast``: a row's numbers
+    depend on its own parameters only, and one tight component does not send a whole block to the
+    slow form. Everything by ``exact`` when the rows cannot be split (data broadcast over dim 0)."""
+    lead = params.log_weights.shape[:-1]
+    if not lead or x.shape[0] != lead[0] or w.shape[0] != lead[0]:
+        return exact(x, w, params)
+    bad = unsafe.reshape(lead[0], -1).any(-1)  # (L0,)
+    rows, keep = bad.nonzero().squeeze(-1), (~bad).nonzero().squeeze(-1)
+    if len(keep) == 0:
+        return exact(x, w, params)
+    parts = [fn(x[i], w[i], params.map(lambda t: t[i])) for fn, i in ((fast, keep), (exact, rows))]
+    return Stats(*(torch.empty((lead[0],) + a.shape[1:], dtype=a.dtype, device=a.device)
+                   .index_copy_(0, keep, a).index_copy_(0, rows, b) for a, b in zip(*parts)))
+
+
 def whitened_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Stats:
     """:func:`e_step_statistics` for full and tied covariances (``D >= 2``) in whitened
     coordinates: ``y = (x - mu_k) U_k`` for every component of every restart of a series is one
@@ -184,14 +204,8 @@ def whitened_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_type
         shift_sq = (params.means.unsqueeze(-2) @ u).square().sum(-1)  # (*L, K)
         unsafe = ~(shift_sq * d < 4 * _FLOAT32_EXPANSION_LIMIT**2)  # (NaN parameters too)
         if bool(unsafe.any()):
-            rows = unsafe.reshape(unsafe.shape[0], -1).any(-1).nonzero().squeeze(-1) if lead else None
-            if rows is None or x.shape[0] != lead[0] or w.shape[0] != lead[0] or len(rows) == lead[0]:
-                return e_step_statistics(x, w, params, cov)
-            keep = torch.ones(lead[0], dtype=torch.bool, device=x.device).index_fill_(0, rows, False).nonzero().squeeze(-1)
-            safe = whitened_statistics(x[keep], w[keep], params.map(lambda t: t[keep]), cov)
-            exact = e_step_statistics(x[rows], w[rows], params.map(lambda t: t[rows]), cov)
-            return Stats(*(torch.empty((lead[0],) + a.shape[1:], dtype=a.dtype, device=a.device)
-                           .index_copy_(0, keep, a).index_copy_(0, rows, b) for a, b in zip(safe, exact)))
+            return _rows_apart(unsafe, x, w, params, lambda *a: whitened_statistics(*a, cov),
+                               lambda *a: e_step_statistics(*a, cov))
     outer, xf, wf, r = _fold(x, w, lead)
     g = outer.numel()  # rows of the products: (G, R K, ...)
 
