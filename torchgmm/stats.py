@@ -77,8 +77,8 @@ def e_step_statistics(
 # float32 runs the expanded quadratic in float32 while the largest cancelled term, q mu^2 / 2 (q: the
 # component's precision, mu its mean, standardized units), stays below this many nats: then the
 # expansion's rounding is at most ~1e-4 nats in a joint log-probability and ~1e-4 relative in a
-# variance; beyond it (tight or collapsed components far from the series' centre) the call runs in
-# float64.
+# variance; beyond it (tight or collapsed components far from the series' centre) the series (a row
+# with its restarts) runs in float64.
 _FLOAT32_EXPANSION_LIMIT = 1e3
 
 
@@ -89,12 +89,12 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
     with the quadratic's coefficients (:func:`torchgmm.density.univariate_coefficients`, from
     the one log-density), and the statistics are a second one, of the features with the weighted
     responsibilities: no ``(K, N)`` differences. Restarts broadcast against the data
-    (``x (B, 1, N, 1)`` against parameters ``(B, R, ...)``) become columns of one product. The
+    (``x (B, 1, N, 1)`` against parameters ``(B, R, ...)``) become rows of one product. The
     exponentials are taken without a per-point maximum; points where every component underflows
     (far from all of them) are recomputed with ``logsumexp``. float32 is guarded: the expansion
-    cancels terms of size ``q mu^2`` (data standardized per series keep them small), so a call
-    whose terms exceed ``_FLOAT32_EXPANSION_LIMIT`` runs in float64 (same result to float32
-    rounding).
+    cancels terms of size ``q mu^2`` (data standardized per series keep them small), so the rows
+    (series with their restarts) whose terms exceed ``_FLOAT32_EXPANSION_LIMIT`` run in float64
+    (same result to float32 rounding; :func:`_rows_apart`).
     """
     cov = get_covariance(covariance_type)
     dtype = x.dtype
