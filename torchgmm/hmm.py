@@ -518,10 +518,6 @@ class GaussianHMM(GaussianAttributes, nn.Module):
             self.register_buffer(name, None)
 
     # -- state -------------------------------------------------------------------------------------
-    @property
-    def _cov(self) -> Covariance:
-        return get_covariance(self.covariance_type)
-
     def _settings(self) -> dict:
         """The constructor's settings by name, as given (``save`` writes them)."""
         return {name: getattr(self, name) for name in list(inspect.signature(type(self).__init__).parameters)[1:]}
@@ -555,10 +551,6 @@ class GaussianHMM(GaussianAttributes, nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-    @property
-    def is_fitted(self) -> bool:
-        return self.loc is not None
-
     def _check_fitted(self) -> None:
         if not self.is_fitted:
             raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet; call fit(X) first")
@@ -588,28 +580,12 @@ class GaussianHMM(GaussianAttributes, nn.Module):
         return self.hmm_params().map(lambda t: t.detach())
 
     @property
-    def batch_shape(self) -> torch.Size:
-        self._check_fitted()
-        return self.loc.shape[:-2]
-
-    @property
-    def n_features_in_(self) -> int:
-        self._check_fitted()
-        return self.loc.shape[-1]
-
-    @property
     def startprob_(self) -> Tensor:
         return self._detached().log_startprob.exp()
 
     @property
     def transmat_(self) -> Tensor:
         return self._detached().log_transmat.exp()
-
-    @property
-    def status_names_(self) -> Optional[np.ndarray]:
-        if self.status_ is None:
-            return None
-        return np.array([s.name for s in FitStatus])[self.status_.cpu().numpy()]
 
     # -- fitting -----------------------------------------------------------------------------------
     def fit(self, X, lengths=None, y=None) -> "GaussianHMM":

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import validation
-from .covariance import get_covariance
+from .covariance import Covariance, get_covariance
 from .density import GMMParams, joint_log_prob, log_prob, log_responsibilities
 from .fitting import DEFAULT_MEMORY_BUDGET, fit as fit_mixture
 from .init import make_generator
@@ -67,8 +67,34 @@ def _reemit(caught: Sequence[warnings.WarningMessage]) -> None:
 
 class GaussianAttributes:
     """scikit-learn's attributes of Gaussian components, derived from ``self._detached()`` (with
-    ``means`` and ``prec_chol``) and the covariance registry entry ``self._cov``: shared by the
-    mixture and the hidden Markov model."""
+    ``means`` and ``prec_chol``), the location parameter ``self.loc`` (None before a fit) and the
+    covariance registry entry of ``self.covariance_type``: shared by the mixture and the hidden
+    Markov model."""
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.loc is not None
+
+    @property
+    def _cov(self) -> Covariance:
+        return get_covariance(self.covariance_type)
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        self._check_fitted()
+        return self.loc.shape[:-2]
+
+    @property
+    def n_features_in_(self) -> int:
+        self._check_fitted()
+        return self.loc.shape[-1]
+
+    @property
+    def status_names_(self) -> Optional[np.ndarray]:
+        """``status_`` as :class:`FitStatus` names, a numpy array of str ``(*B,)``; None before a fit."""
+        if self.status_ is None:
+            return None
+        return np.array([s.name for s in FitStatus])[self.status_.cpu().numpy()]
 
     @property
     def means_(self) -> Tensor:
@@ -342,20 +368,12 @@ class GaussianMixture(GaussianAttributes, nn.Module):
         log_weights = torch.full(batch_shape + (k,), -float(np.log(k)), **factory)
         return GMMParams(log_weights, means, prec_chol)
     # -- state ---------------------------------------------------------------------------
-    @property
-    def is_fitted(self) -> bool:
-        return self.loc is not None
-
     def _check_fitted(self) -> None:
         if not self.is_fitted:
             raise NotFittedError(
                 f"This {type(self).__name__} instance is not fitted yet; call fit(X) first "
                 "(or load_state_dict from a fitted model)"
             )
-
-    @property
-    def _cov(self):
-        return get_covariance(self.covariance_type)
 
     def mixture_params(self) -> GMMParams:
         """The parameters as a differentiable :class:`GMMParams` (log-weights, means, prec_chol)."""
@@ -386,24 +404,6 @@ class GaussianMixture(GaussianAttributes, nn.Module):
                 else:
                     setattr(self, name, nn.Parameter(value.clone()))
         return self
-
-    @property
-    def batch_shape(self) -> torch.Size:
-        self._check_fitted()
-        return self.loc.shape[:-2]
-
-    @property
-    def n_features_in_(self) -> int:
-        self._check_fitted()
-        return self.loc.shape[-1]
-
-    @property
-    def status_names_(self) -> Optional[np.ndarray]:
-        """``status_`` as :class:`FitStatus` names, a numpy array of str ``(*B,)``; None before a fit."""
-        if self.status_ is None:
-            return None
-        names = np.array([s.name for s in FitStatus])
-        return names[self.status_.cpu().numpy()]
 
     def _detached(self) -> GMMParams:
         return self.mixture_params().map(lambda t: t.detach())
