@@ -111,16 +111,9 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
 
             return _rows_apart(unsafe, x, w, params, lambda *a: univariate_statistics(*a, cov), in_float64)
     lead, k, n = coef.shape[:-2], coef.shape[-2], x.shape[-2]
-    x_lead = x.shape[:-2]
-    fold = len(x_lead) == len(lead) >= 1 and x_lead[-1] == 1 and lead[-1] > 1
-    if fold:  # restarts share the data: one product per series, rows (R, K)
-        outer = broadcast_shapes(x_lead[:-1], lead[:-1])
-        xf, wf, r = x.squeeze(-3), w.squeeze(-2), lead[-1]
-    else:
-        outer = broadcast_shapes(x_lead, lead)
-        xf, wf, r = x, w, 1
+    outer, xf, wf, r = _fold(x, w, lead)  # restarts sharing the data: one product per series, rows (R, K)
     g = outer.numel()  # products run on (G, rows, N): components in rows, points contiguous
-    coef = (coef if fold else coef.unsqueeze(-3)).expand(*outer, r, k, 3).reshape(g, r * k, 3)
+    coef = _as_rows(coef, outer, r, k, 1)  # (G, R K, 3)
     xg = xf.squeeze(-1).expand(*outer, n).reshape(g, 1, n)
     wg = wf.expand(*outer, n).reshape(g, 1, n)
     feats = torch.cat([torch.ones_like(xg), xg, xg.square()], -2)  # (G, 3, N)
@@ -147,10 +140,8 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
     else:
         log_s = s.log()
     resp = e.mul_((wg / s).unsqueeze(-2))  # (G, R, K, N), weighted
-    moments = product(resp.view(g, r * k, n), feats.mT).view(*outer, r, k, 3)  # sums of r, r x, r x^2
-    log_lik = (wg * log_s).sum(-1).view(*outer, r)
-    if not fold:
-        log_lik, moments = log_lik.squeeze(-1), moments.squeeze(-3)
+    moments = _from_rows(product(resp.view(g, r * k, n), feats.mT), outer, r, k, 1)  # (*L, K, 3): sums of r, r x, r x^2
+    log_lik = _from_rows((wg * log_s).sum(-1), outer, r, None, 0)  # (*L)
     s0, s1, s2 = moments.unbind(-1)  # (*L, K) each
     mu = params.means.squeeze(-1)
     sum_diff = s1 - s0 * mu
@@ -166,6 +157,22 @@ def _fold(x: Tensor, w: Tensor, lead: tuple) -> tuple:
     if len(x_lead) == len(lead) >= 1 and x_lead[-1] == 1 and lead[-1] > 1:
         return broadcast_shapes(x_lead[:-1], lead[:-1]), x.squeeze(-3), w.squeeze(-2), lead[-1]
     return broadcast_shapes(x_lead, lead), x, w, 1
+
+
+def _as_rows(t: Tensor, outer: torch.Size, r: int, k: int, tail: int) -> Tensor:
+    """Per-member ``t (*L, K, *tail)`` as the rows of the products, ``(G, R K, *tail)`` (see :func:`_fold`)."""
+    t = t if r > 1 else t.unsqueeze(-tail - 2)
+    end = t.shape[t.dim() - tail:]
+    return t.expand(*outer, r, k, *end).reshape(outer.numel(), r * k, *end)
+
+
+def _from_rows(t: Tensor, outer: torch.Size, r: int, k: Optional[int], tail: int) -> Tensor:
+    """The inverse of :func:`_as_rows`: results whose leading elements are the products' rows,
+    ``(G, R K, *tail)`` or ``(G R K, *tail)`` (``k`` None: one per member, ``(G, R)``), as
+    ``(*L, K, *tail)`` (``(*L)``)."""
+    end = t.shape[t.dim() - tail:] if tail else ()
+    t = t.reshape(*outer, r, *(() if k is None else (k,)), *end)
+    return t if r > 1 else t.squeeze(len(outer))
 
 
 def _rows_apart(unsafe: Tensor, x: Tensor, w: Tensor, params: GMMParams, fast: Callable, exact: Callable) -> Stats:
@@ -192,8 +199,9 @@ def whitened_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_type
     statistics are taken in ``y`` (``sum r y``, ``sum r y y^T``: centred on the current means and
     well scaled) and mapped back by two triangular solves per component (``d = U^{-T} y``). No
     ``(K, N, D)`` difference and no product per component (W2's E-step 6x, its scatter 2.6x in
-    one block). float32: the product cancels terms of size ``|mu U|^2 / 2``; beyond
-    ``_FLOAT32_EXPANSION_LIMIT`` nats the call runs :func:`e_step_statistics`."""
+    one block). float32: the product cancels terms of size ``|mu U|``; the rows (series with
+    their restarts) where that could cost more than the univariate path's budget run
+    :func:`e_step_statistics` (:func:`_rows_apart`)."""
     cov = get_covariance(covariance_type)
     lead, (k, d), n = params.means.shape[:-2], params.means.shape[-2:], x.shape[-2]
     u = cov.whitener(params.prec_chol, k)  # (*L, K, D, D)
@@ -208,17 +216,11 @@ def whitened_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_type
                                lambda *a: e_step_statistics(*a, cov))
     outer, xf, wf, r = _fold(x, w, lead)
     g = outer.numel()  # rows of the products: (G, R K, ...)
-
-    def rows(t: Tensor, tail: int) -> Tensor:  # (*L, K, *tail) -> (G, R K, *tail)
-        t = t if r > 1 else t.unsqueeze(-tail - 2)
-        end = t.shape[t.dim() - tail:]
-        return t.expand(*outer, r, k, *end).reshape(g, r * k, *end)
-
-    u, means = rows(u, 2), rows(params.means, 1)
+    u, means = _as_rows(u, outer, r, k, 2), _as_rows(params.means, outer, r, k, 1)
     x_t = xf.expand(*outer, n, d).reshape(g, n, d).mT.contiguous()  # (G, D, N)
     wg = wf.expand(*outer, n).reshape(g, 1, n)
     y = whitened(x_t, means, u)  # (G, R K, D, N)
-    peak = rows(_log_peak(params, cov, d).expand(*lead, k), 0).view(g, r, k, 1)
+    peak = _as_rows(_log_peak(params, cov, d).expand(*lead, k), outer, r, k, 0).view(g, r, k, 1)
     joint = (y * y).sum(-2).view(g, r, k, n).mul_(-0.5).add_(peak)  # (G, R, K, N)
     top = joint.amax(-2, keepdim=True)
     e = exp_normal(joint.sub_(top), inplace=True)
@@ -234,13 +236,9 @@ def whitened_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_type
     scatter = torch.linalg.solve_triangular(
         uk, torch.linalg.solve_triangular(uk.mT, scatter_y, upper=False), upper=True, left=False)
 
-    def out(t: Tensor, tail: int) -> Tensor:  # (G R K, ...) -> (*L, K, ...)
-        t = t.reshape(*outer, r, k, *t.shape[1:])
-        return t if r > 1 else t.squeeze(-tail - 2)
-
-    nk = out(resp.view(g * r * k, n).sum(-1), 0)
-    log_lik = log_lik.view(*outer, r) if r > 1 else log_lik.view(*outer)
-    return Stats(nk, out(sum_diff, 1), out(scatter, 2), log_lik)
+    nk = _from_rows(resp.view(g * r * k, n).sum(-1), outer, r, k, 0)
+    return Stats(nk, _from_rows(sum_diff, outer, r, k, 1), _from_rows(scatter, outer, r, k, 2),
+                 _from_rows(log_lik, outer, r, None, 0))
 
 
 def fast_e_step_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Stats:
