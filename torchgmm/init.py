@@ -25,7 +25,8 @@ from ._compile import compiled
 from ._ops import matmul, product
 from .covariance import Covariance, get_covariance
 from .density import GMMParams
-from .stats import chunked_sum, m_step, params_from_responsibilities, partition_statistics, point_chunks, sum_sq_about
+from .stats import (chunked_sum, m_step, moment_statistics, params_from_responsibilities, partition_statistics,
+                    point_chunks, sum_sq_about)
 
 __all__ = ["INIT_METHODS", "initialize", "kmeans", "make_generator"]
 
@@ -46,12 +47,19 @@ LINE_BLOCK_BYTES = 1 << 28
 LINE_MIN_POINTS = 1024
 
 
+def on_sorted_line(n_points: int, n_features: int, n_init: int) -> bool:
+    """Whether the k-means family of a series runs on :class:`SortedLine`: univariate, with at
+    least ``LINE_MIN_POINTS`` points x restarts (decided per series: a series starts the same
+    alone or in a batch)."""
+    return n_features == 1 and n_points * n_init >= LINE_MIN_POINTS
+
+
 def block_series(default: int, n_series: int, n_points: int, n_features: int, n_init: int, init_params) -> int:
     """Series per initialization block: ``default`` (the plan's, bounding (restarts x points)
-    temporaries), or for univariate data started by the k-means family on the sorted line (at
-    least ``LINE_MIN_POINTS`` points x restarts) as many as ``LINE_BLOCK_BYTES`` allows."""
+    temporaries), or for data started by the k-means family on the sorted line
+    (:func:`on_sorted_line`) as many as ``LINE_BLOCK_BYTES`` allows."""
     names = list(init_params) if isinstance(init_params, (list, tuple)) else [init_params]
-    if n_features == 1 and n_points * n_init >= LINE_MIN_POINTS and all(
+    if on_sorted_line(n_points, n_features, n_init) and all(
             name in ("kmeans", "k-means++", "random_from_data") for name in names):
         return max(default, min(n_series, LINE_BLOCK_BYTES // (32 * (n_points + 1))))
     return default
@@ -368,17 +376,6 @@ class SortedLine:
         sorted_labels = in_cell.to(torch.uint8).argmax(-2)  # (B, R, N)
         return torch.empty_like(sorted_labels).scatter_(-1, self.order.unsqueeze(1).expand(b, r, n), sorted_labels)
 
-    def partition_stats(self, mom: Tensor, centers: Tensor, cov: Covariance):
-        """:class:`Stats` of the partition with moments ``mom (B, R, K, 3)`` about ``centers``."""
-        from .stats import Stats
-
-        dtype = centers.dtype
-        s0, s1, s2 = mom.unbind(-1)
-        c = centers.squeeze(-1).to(torch.float64)
-        centred = sum_sq_about(s0, s1, s2, c).clamp_min(0).to(dtype)
-        return Stats(s0.to(dtype), (s1 - s0 * c).unsqueeze(-1).to(dtype), cov.univariate_scatter(centred),
-                     torch.zeros(s0.shape[:-1], dtype=dtype, device=centers.device))
-
 
 def kmeans(x: Tensor, w: Tensor, centers: Tensor, max_iter: int = KMEANS_MAX_ITER, compile: bool = False,
            chunk_size: Optional[int] = None):
@@ -456,7 +453,7 @@ def _lloyd_params(x: Tensor, w: Tensor, seeds: Tensor, steps: int, cov: Covarian
     on the sorted series ``line`` when given (univariate data: no pass over the points)."""
     if line is not None:
         _, moments, centers = line.lloyd(seeds, steps)
-        return m_step(line.partition_stats(moments, centers, cov), centers, cov, reg)[0]
+        return m_step(moment_statistics(moments, centers, cov, centers.dtype), centers, cov, reg)[0]
     labels, centers = kmeans(x, w, seeds, max_iter=steps, compile=compile, chunk_size=chunk_size)
     return _partition_params(x, w, labels, centers, cov, reg, compile, chunk_size)
 
@@ -563,9 +560,7 @@ def initialize(
     cov = get_covariance(covariance_type)
     reg = reg_covar.unsqueeze(-1)  # (B, 1): broadcasts over restarts
     opts = dict(compile=compile, chunk_size=chunk_size)
-    # The k-means family of univariate data runs on the sorted line once a series' restarts hold
-    # enough points (per series, so a series starts the same alone or in a batch).
-    line = SortedLine(x, w) if x.shape[-1] == 1 and x.shape[-2] * n_init >= LINE_MIN_POINTS else None
+    line = SortedLine(x, w) if on_sorted_line(x.shape[-2], x.shape[-1], n_init) else None
     kopts = dict(opts, line=line)
     if isinstance(init_params, (list, tuple)):
         names = list(init_params)

@@ -21,7 +21,7 @@ from .covariance import Covariance, get_covariance
 from .density import GMMParams, _log_peak, joint_log_prob_and_diff, univariate_coefficients, whitened
 
 __all__ = [
-    "Stats", "sum_sq_about", "statistics", "e_step_statistics", "univariate_statistics", "fast_e_step_statistics", "partition_statistics", "m_step",
+    "Stats", "sum_sq_about", "statistics", "e_step_statistics", "univariate_statistics", "fast_e_step_statistics", "moment_statistics", "partition_statistics", "m_step",
     "chunked_sum", "point_chunks",
     "params_from_responsibilities",
 ]
@@ -279,6 +279,18 @@ def m_step(
     return GMMParams(log_weights, ref + shift, prec_chol), ok
 
 
+def moment_statistics(moments: Tensor, centers: Tensor, covariance_type: str | Covariance, dtype: torch.dtype) -> Stats:
+    """:class:`Stats` (in ``dtype``, ``log_lik`` 0) of univariate cells from their float64 sums
+    ``moments (*B, K, 3)`` = ``(sum w, sum w x, sum w x^2)``, about ``centers (*B, K, 1)``; the
+    sum of squares is floored at 0 (a raw-moment expansion may round a tiny cell below it)."""
+    cov = get_covariance(covariance_type)
+    s0, s1, s2 = moments.unbind(-1)
+    c = centers.squeeze(-1).to(torch.float64)
+    centred = sum_sq_about(s0, s1, s2, c).clamp_min(0).to(dtype)
+    return Stats(s0.to(dtype), (s1 - s0 * c).unsqueeze(-1).to(dtype), cov.univariate_scatter(centred),
+                 torch.zeros(s0.shape[:-1], dtype=dtype, device=centers.device))
+
+
 def partition_statistics(x: Tensor, w: Tensor, labels: Tensor, centers: Tensor, covariance_type: str | Covariance) -> Stats:
     """Statistics of a hard partition ``labels (*B, N)`` of ``x (*B, N, D)`` (weights ``w``),
     about ``centers (*B, K, D)``. Pure and fusable: no one-hot tensor is needed when compiled."""
@@ -294,11 +306,7 @@ def partition_statistics(x: Tensor, w: Tensor, labels: Tensor, centers: Tensor, 
             moments = product(resp.reshape(*lead[:-1], -1, resp.shape[-1]), feats.squeeze(-3)).view(*lead, -1, 3)
         else:
             moments = product(resp, feats)  # (*B, K, 3)
-        s0, s1, s2 = moments.unbind(-1)
-        c = centers.squeeze(-1).to(torch.float64)
-        centred = sum_sq_about(s0, s1, s2, c).to(x.dtype)
-        return Stats(s0.to(x.dtype), (s1 - s0 * c).unsqueeze(-1).to(x.dtype), cov.univariate_scatter(centred),
-                     torch.zeros(s0.shape[:-1], dtype=x.dtype, device=x.device))
+        return moment_statistics(moments, centers, cov, x.dtype)
     resp = (labels.unsqueeze(-2) == ks).to(x.dtype) * w.unsqueeze(-2)  # (*B, K, N)
     diff = x.unsqueeze(-3) - centers.unsqueeze(-2)  # (*B, K, N, D)
     return statistics(diff, resp, cov)
