@@ -41,7 +41,7 @@ from .loop import Batch, Members, Start, Step, all_finite, run_members
 from .objective import ParamPacker
 from .mixture import GaussianAttributes
 from .result import FitResult, FitStatus, FitWarning
-from .stats import _FLOAT32_EXPANSION_LIMIT, Stats, m_step, statistics
+from .stats import Stats, expansion_unsafe, m_step, statistics
 from .units import Scaling, standardize
 from .validation import NotFittedError
 
@@ -114,7 +114,7 @@ def _univariate_em_step(x: Tensor, valid: Tensor, w_total: Tensor, params: HMMPa
     n_steps, dtype = x.shape[-2], x.dtype
     coef = univariate_coefficients(params.emission(), cov)  # (*L, K, 3)
     mu = params.means.squeeze(-1)  # (*L, K)
-    if dtype != torch.float64 and not bool((-coef[..., 2] * mu.square()).amax() < _FLOAT32_EXPANSION_LIMIT):
+    if dtype != torch.float64 and bool(expansion_unsafe(coef[..., 2], mu).any()):
         return None
     n = int(torch.Size(lead).numel())
     xm = x.squeeze(-1).expand(*lead, n_steps).reshape(n, n_steps).mT.unsqueeze(1).contiguous()  # (T, 1, S)

@@ -82,6 +82,13 @@ def e_step_statistics(
 _FLOAT32_EXPANSION_LIMIT = 1e3
 
 
+def expansion_unsafe(c2: Tensor, mu: Tensor) -> Tensor:
+    """Where the univariate quadratic's float32 expansion would cancel too much: the cancelled
+    term ``q mu^2 / 2 = -c2 mu^2`` is not below ``_FLOAT32_EXPANSION_LIMIT`` (NaN included);
+    ``c2 (*L, K)`` (tied: ``(*L, 1)``), ``mu (*L, K)``."""
+    return ~(-c2 * mu.square() < _FLOAT32_EXPANSION_LIMIT)
+
+
 def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Stats:
     """:func:`e_step_statistics` for univariate data (``D = 1``) in a handful of large kernels.
 
@@ -102,7 +109,7 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
     if dtype != torch.float64:
         # Near component k (where its joint matters) the expansion cancels terms of size q mu^2 / 2;
         # far from it the rounding is relative to the joint itself, as in the direct form.
-        unsafe = ~(-coef[..., 2] * params.means.squeeze(-1).square() < _FLOAT32_EXPANSION_LIMIT)  # (NaN too)
+        unsafe = expansion_unsafe(coef[..., 2], params.means.squeeze(-1))
         if bool(unsafe.any()):  # those rows in float64
 
             def in_float64(xr, wr, pr):

@@ -96,7 +96,7 @@ def check_settings(
 REFINE_OPTIONS = ("n_rounds", "n_merge", "n_delete", "n_split", "min_gain")
 
 
-def check_refine(refine) -> dict:
+def check_refine(refine) -> Optional[dict]:
     """``refine`` (False, True, or a dict of ``torchgmm.refine.refine``'s options) as the dict of
     options to use, or None when off."""
     if refine is None or refine is False:
