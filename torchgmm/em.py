@@ -22,7 +22,7 @@ from .covariance import Covariance, get_covariance
 from .density import GMMParams, univariate_quadratic
 from .loop import Batch, Start, Step, all_finite
 from .objective import penalized_params
-from .stats import Stats, chunked_sum, e_step_statistics, expansion_unsafe, fast_e_step_statistics, m_step
+from .stats import Stats, chunked_sum, e_step_statistics, expansion_unsafe, fast_e_step_statistics, m_step, underflow_floor
 
 __all__ = ["em_step", "in_blocks", "log_likelihood", "EMRule", "UnivariateEMRule", "EMMap"]
 
@@ -174,7 +174,7 @@ class UnivariateEMRule:
         new, ok = m_step(stats, p.means, self.cov, batch.reg)
         if self._masked:  # a component of weight exactly 0 stays at 0, as in em_step
             new = new._replace(log_weights=torch.where(torch.isneginf(p.log_weights), p.log_weights, new.log_weights))
-        low = s.amin() < (2.0**-900 if x.dtype == torch.float64 else 2.0**-100)
+        low = s.amin() < underflow_floor(x.dtype)
         unsafe = expansion_unsafe(c2, mu).any() if x.dtype != torch.float64 else low
         self._tripped = self._tripped | low | unsafe | ~torch.isfinite(value).all()
         return Step(batch.flat(new), value.reshape(-1), ok.reshape(-1))

@@ -82,6 +82,12 @@ def e_step_statistics(
 _FLOAT32_EXPANSION_LIMIT = 1e3
 
 
+def underflow_floor(dtype: torch.dtype) -> float:
+    """The sum of a point's exponentiated joints below which the univariate fast paths call the
+    point underflowed (every component far) and take the exact logsumexp instead."""
+    return 2.0**-900 if dtype == torch.float64 else 2.0**-100
+
+
 def expansion_unsafe(c2: Tensor, mu: Tensor) -> Tensor:
     """Where the univariate quadratic's float32 expansion would cancel too much: the cancelled
     term ``q mu^2 / 2 = -c2 mu^2`` is not below ``_FLOAT32_EXPANSION_LIMIT`` (NaN included);
@@ -135,7 +141,7 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
 
     e = exp_normal(joint_log_prob(), inplace=True)
     s = e.sum(-2)  # (G, R, N)
-    tiny = 2.0**-900 if dtype == torch.float64 else 2.0**-100
+    tiny = underflow_floor(dtype)
     if bool(s.amin() < tiny):  # every component underflowed: the exact logsumexp for those points
         bad = s < tiny
         jb = joint_log_prob().transpose(-1, -2)[bad]  # (n_bad, K), recomputed (rare)
