@@ -129,12 +129,16 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
     coef = _as_rows(coef, outer, r, k, 1)  # (G, R K, 3)
     xg = xf.squeeze(-1).expand(*outer, n).reshape(g, 1, n)
     wg = wf.expand(*outer, n).reshape(g, 1, n)
-    feats = torch.cat([torch.ones_like(xg), xg, xg.square()], -2)  # (G, 3, N)
+    feats = xg.new_empty(g, 3, n)  # (G, 3, N): [1, x, x^2], written in place (no cat)
+    feats[:, 0] = 1
+    feats[:, 1:2] = xg
+    torch.square(xg, out=feats[:, 2:3])
+
     def joint_log_prob() -> Tensor:
         """c0 + c1 x + c2 x^2, (G, R, K, N): the sums over components then add rows and the
         per-point factors broadcast over them (both fast); BLAS for large products only."""
         if g * r * k * n * 2 >= _BLAS_MIN_WORK:
-            joint = torch.baddbmm(coef[..., :1], coef[..., 1:], feats[:, 1:])
+            joint = torch.bmm(coef, feats)  # the ones row carries c0: no broadcast copy of it
         else:
             joint = torch.addcmul(coef[..., :1], xg, torch.addcmul(coef[..., 1:2], xg, coef[..., 2:]))
         return joint.view(g, r, k, n)
