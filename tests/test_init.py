@@ -176,3 +176,32 @@ def test_padding_with_zero_weight_changes_no_start_on_the_sorted_line(method):
     (pad, _), _, _ = start(padded, method, n_init=4, w=w)
     for a, b in zip(plain, pad):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("n", [60, 1100])  # the pass over the points / the sorted line (both n_init)
+def test_restart_zero_of_many_is_the_start_of_n_init_1(n):
+    """The restarts of ``kmeans`` are seeded and refined together (one seeding call per kind, one
+    Lloyd run per step count); restart 0 keeps the draws and the start of a single fit."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, n, 1, generator=g, dtype=torch.float64) + torch.tensor([0.0, 3.0, 7.0]).repeat(n)[:n, None]
+    (one, _), _, _ = start(x, "kmeans", n_init=1)
+    (many, ok), _, _ = start(x, "kmeans", n_init=10)
+    for a, b in zip(one, many):
+        torch.testing.assert_close(b[:, :1], a, rtol=1e-12, atol=1e-12)
+    assert bool(ok.all()) and len({tuple(m) for m in many.means[0, :, :, 0].tolist()}) > 5  # the others differ
+
+
+def test_the_fast_series_sort_is_torchs_stable_sort():
+    """float32 rows on the CPU sort as packed integer keys: ties (by index), -0.0 == 0.0, extremes
+    and subnormals in torch's order; other dtypes go to torch.sort."""
+    from torchgmm.init import _sort_series
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (50, 200), generator=g).float() / 2
+    x[:, ::9], x[:, 4::9] = 0.0, -0.0
+    x[:, 1], x[:, 2] = -torch.finfo(torch.float32).max, torch.finfo(torch.float32).max
+    x[:, 3], x[:, 5] = torch.finfo(torch.float32).tiny / 4, -torch.finfo(torch.float32).tiny / 4
+    for t in (x, x.double(), torch.randn(7, 33, generator=g)):
+        values, order = _sort_series(t)
+        expected = torch.sort(t, dim=-1, stable=True)
+        assert torch.equal(order, expected.indices) and torch.equal(values, expected.values)

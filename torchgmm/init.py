@@ -18,6 +18,7 @@ import functools
 import math
 import operator
 from typing import Optional
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -114,6 +115,11 @@ def _squared_distances(x: Tensor, c: Tensor) -> Tensor:
     return torch.where(d2 <= noise, torch.zeros((), dtype=x.dtype, device=x.device), d2)
 
 
+def greedy_trials(n_components: int) -> int:
+    """Candidates per greedy k-means++ draw: ``2 + log K``, as scikit-learn."""
+    return 2 + int(math.log(n_components))
+
+
 def _seed_step(x: Tensor, base: Tensor, d2: Tensor, u: Tensor, d2_weighting: bool):
     """Draw the next seed for every restart: ``(seed (B, R, D), d2 (B, R, N), has_new (B, R))``.
 
@@ -146,7 +152,7 @@ def _seed_points(x: Tensor, w: Tensor, n_components: int, n_init: int, gen, *, d
     ``line``: ``x`` sorted (univariate data): the draws by binary search of prefix sums
     (:meth:`SortedLine.seeds`).
     """
-    n_trials = 2 + int(math.log(n_components)) if d2_weighting else 1
+    n_trials = greedy_trials(n_components) if d2_weighting else 1
     if u is None:
         u = _uniform((n_components, n_init, n_trials), gen, x)  # (K, R, L)
     if line is not None:
@@ -221,6 +227,20 @@ def kmeans_step(x: Tensor, w: Tensor, centers: Tensor, chunk_size: Optional[int]
     return labels, torch.where(nk > 0, means, centers)
 
 
+def _sort_series(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.sort(x, dim=-1, stable=True)`` of ``x (B, N)``. float32 rows on the CPU sort as
+    packed int64 keys (the value's order-preserving bits, then the index) with numpy's vectorized
+    sort: the same values and order, several times faster than torch's sort there."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-1] >= 1 << 31:
+        return torch.sort(x, dim=-1, stable=True)
+    bits = (x.detach() + 0.0).numpy().view(np.int32).astype(np.int64)  # + 0.0: -0.0 sorts as 0.0, as in torch
+    bits ^= (bits >> 31) & 0x7FFFFFFF  # negative floats: larger magnitude, smaller key
+    keys = (bits << 32) | np.arange(x.shape[-1], dtype=np.int64)
+    keys.sort(axis=-1)
+    order = torch.from_numpy(keys & 0xFFFFFFFF)
+    return torch.gather(x, -1, order), order
+
+
 class SortedLine:
     """Univariate series sorted once, for Lloyd steps in ``O(K log N)`` per restart: the cells of
     the nearest-center partition of a line are intervals between midpoints of the sorted centers,
@@ -233,12 +253,16 @@ class SortedLine:
 
     def __init__(self, x: Tensor, w: Tensor):
         f64 = torch.float64
-        values, order = torch.sort(x.squeeze(-1).to(f64), dim=-1, stable=True)  # (B, N)
-        ws = torch.gather(w.to(f64), -1, order)
-        zero = torch.zeros_like(values[..., :1])
-        self.values = values.contiguous()
+        values, order = _sort_series(x.squeeze(-1))  # (B, N); float64 exact below
+        values = values.to(f64)
+        b, n = values.shape
         # (B, 3, N + 1): prefix sums of w, w x, w x^2, from 0
-        self.prefix = torch.stack([torch.cat([zero, t.cumsum(-1)], -1) for t in (ws, ws * values, ws * values.square())], -2)
+        terms = values.new_zeros(b, 3, n + 1)
+        terms[:, 0, 1:] = torch.gather(w, -1, order)
+        torch.mul(terms[:, 0, 1:], values, out=terms[:, 1, 1:])
+        torch.mul(terms[:, 1, 1:], values, out=terms[:, 2, 1:])
+        self.values = values
+        self.prefix = terms.cumsum(-1)
         self.cum_weight = self.prefix[:, 0, 1:].contiguous()  # (B, N): weight up to and including each point
         self.order = order
 
@@ -256,10 +280,12 @@ class SortedLine:
         lead = torch.gather(rank, -1, start)
         first_lower = lead[..., :-1] < lead[..., 1:]
         flat = mid.reshape(b, r * (k - 1))
-        left = torch.searchsorted(self.values, flat, side="left").view(b, r, k - 1)
-        right = torch.searchsorted(self.values, flat, side="right").view(b, r, k - 1)
-        ends = torch.where(first_lower, right, left)
         n = self.values.shape[-1]
+        left = torch.searchsorted(self.values, flat, side="left")
+        # right == left unless a point sits exactly on a midpoint (then the second search)
+        on_mid = torch.gather(self.values, 1, left.clamp_max(n - 1)) == flat
+        right = torch.searchsorted(self.values, flat, side="right") if bool(on_mid.any()) else left
+        ends = torch.where(first_lower, right.view(b, r, k - 1), left.view(b, r, k - 1))
         # equal centers: the first (lowest index) takes the whole cell, the others are empty
         ends = torch.where(upper > lower, ends, torch.full_like(ends, n))
         ends = torch.flip(torch.cummin(torch.flip(ends, [-1]), -1).values, [-1])  # nondecreasing
@@ -297,11 +323,12 @@ class SortedLine:
         flat = pos.reshape(b, 1, -1).expand(b, 3, -1)
         return torch.gather(self.prefix, 2, flat).transpose(0, 1).view(3, *pos.shape)
 
-    def _mass(self, lo: Tensor, hi: Tensor, c: Tensor, run: Optional[tuple], d2_weighting: bool) -> Tensor:
+    def _mass(self, lo: Tensor, hi: Tensor, c: Tensor, run: Optional[tuple], d2_weighting: bool,
+              p_lo: Optional[Tensor] = None) -> Tensor:
         """Seeding mass of the sorted points in ``[lo, hi)`` (a part of the cell of center ``c``):
         ``sum w (x - c)^2`` (``d2_weighting``), else ``sum w [x != c]`` (``run``: the positions of
-        the points equal to ``c``)."""
-        p_hi, p_lo = self._gather(hi), self._gather(lo)
+        the points equal to ``c``). ``p_lo``: the prefix sums at ``lo``, if already gathered."""
+        p_hi, p_lo = self._gather(hi), self._gather(lo) if p_lo is None else p_lo
         if d2_weighting:
             s0, s1, s2 = p_hi - p_lo
             return sum_sq_about(s0, s1, s2, c).clamp_min(0)
@@ -345,10 +372,10 @@ class SortedLine:
 
             lo, hi, c = pick(cells[..., 0]), pick(cells[..., 1]), pick(centers)
             run_j = None if run is None else tuple(pick(t) for t in run)
-            start = lo
+            start, p_start = lo, self._gather(lo)
             for _ in range(steps):  # the largest q in [start, end] with mass([start, q)) <= target
                 mid = (lo + hi + 1) // 2
-                ok = self._mass(start, mid, c, run_j, d2_weighting) <= target
+                ok = self._mass(start, mid, c, run_j, d2_weighting, p_start) <= target
                 lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid - 1)
             cand = self.point(torch.where(has_new.unsqueeze(-1), lo, by_weight(u[k].unsqueeze(0) * total_w)))
             ell = cand.shape[-1]
@@ -473,32 +500,59 @@ def _take(t: Tensor, order: Tensor) -> Tensor:
     return t.index_select(1, order)
 
 
+def _recipes(n_restarts: int) -> list[tuple[bool, int]]:
+    """The recipes of restarts 1..n of ``kmeans``: ``DIVERSE_RECIPES`` cycled."""
+    return [DIVERSE_RECIPES[r % len(DIVERSE_RECIPES)] for r in range(n_restarts)]
+
+
+def _diverse_uniforms(n_components: int, n_restarts: int, gen: torch.Generator, like: Tensor) -> Tensor:
+    """The seeding uniforms of restarts 1..n of ``kmeans``, ``(K, n, L)``, drawn restart-major:
+    the first ``n`` restarts get the same draws whatever ``n`` (more restarts only add starts)."""
+    return _uniform((n_restarts, n_components, greedy_trials(n_components)), gen, like).permute(1, 0, 2)
+
+
+def _kmeans_family(x: Tensor, w: Tensor, n_components: int, recipes: list[tuple[bool, int]], u: Tensor,
+                   cov: Covariance, reg: Tensor, compile: bool = False, chunk_size: Optional[int] = None,
+                   line: Optional[SortedLine] = None) -> tuple[GMMParams, Tensor]:
+    """Restarts of the k-means family, restart ``r`` by ``recipes[r] = (greedy, steps)`` with the
+    uniforms ``u[:, r] (K, R, L)``: k-means++ seeds (greedy) or uniform distinct seeds, then up to
+    ``steps`` Lloyd steps and the M-step of the partition. ``(params (B, R, ...), distinct_ok (B,
+    R))``. One seeding call per kind and one Lloyd run per step count, whatever the number of
+    restarts (a restart's numbers do not depend on its neighbours, to rounding: Lloyd stops at a
+    fixed point)."""
+    def restarts(keep) -> Tensor:
+        return torch.tensor([r for r, recipe in enumerate(recipes) if keep(*recipe)], dtype=torch.long, device=x.device)
+
+    seeds, distinct, seed_order = [], [], []
+    for greedy in (True, False):
+        idx = restarts(lambda g, _: g == greedy)
+        if len(idx):
+            uu = _take(u, idx) if greedy else _take(u, idx)[..., :1]
+            s, ok = _seed_points(x, w, n_components, len(idx), None, d2_weighting=greedy, compile=compile, u=uu, line=line)
+            seeds.append(s), distinct.append(ok), seed_order.append(idx)
+    seed_order = torch.cat(seed_order)
+    by_restart = torch.argsort(seed_order)
+    seeds, distinct = _take(torch.cat(seeds, 1), by_restart), _take(torch.cat(distinct, 1), by_restart)
+    parts, order = [], []
+    for steps in sorted({s for _, s in recipes}):
+        idx = restarts(lambda _, s: s == steps)
+        parts.append(_lloyd_params(x, w, _take(seeds, idx), steps, cov, reg, line, compile, chunk_size))
+        order.append(idx)
+    inverse = torch.argsort(torch.cat(order))
+    params = GMMParams(*(torch.cat(ts, 1) for ts in zip(*parts)))
+    return params.map(lambda t: _take(t, inverse)), distinct
+
+
 def _diverse_restarts(x: Tensor, w: Tensor, n_components: int, n_restarts: int, cov: Covariance, reg: Tensor,
                       gen: torch.Generator, compile: bool = False, chunk_size: Optional[int] = None,
                       line: Optional[SortedLine] = None):
     """Restarts 1..n of ``kmeans``: ``(params (B, n, ...), distinct_ok (B, n))``. Restart ``r`` follows
     ``DIVERSE_RECIPES[(r - 1) % 3]``: k-means++ seeds and 2 Lloyd steps, uniform distinct seeds and
     2 Lloyd steps, k-means++ seeds and up to 5 Lloyd steps (``kmeans``). (One step instead of two
-    found the same optima on the suite but cost 1.6x on W1: rougher starts need more EM.) Every restart has its own uniforms, drawn restart-major: the first
-    ``n`` restarts are the same whatever ``n`` (more restarts only add starts)."""
-    n_trials = 2 + int(math.log(n_components))
-    u = _uniform((n_restarts, n_components, n_trials), gen, x).permute(1, 0, 2)  # (K, n, L), prefix-stable in n
-    recipe = torch.arange(n_restarts) % len(DIVERSE_RECIPES)
-    parts, ok, order = [], [], []
-    for greedy in (True, False):
-        for steps in sorted({s for g, s in DIVERSE_RECIPES if g == greedy}):
-            kinds = [i for i, (g, s) in enumerate(DIVERSE_RECIPES) if g == greedy and s == steps]
-            idx = torch.nonzero(torch.isin(recipe, torch.tensor(kinds))).flatten()
-            if idx.numel() == 0:
-                continue
-            uu = u[:, idx.to(u.device)] if greedy else u[:, idx.to(u.device), :1]
-            seeds, distinct = _seed_points(x, w, n_components, idx.numel(), gen, d2_weighting=greedy,
-                                           compile=compile, u=uu, line=line)
-            parts.append(_lloyd_params(x, w, seeds, steps, cov, reg, line, compile, chunk_size))
-            ok.append(distinct), order.append(idx)
-    inverse = torch.argsort(torch.cat(order)).to(x.device)
-    params = GMMParams(*(torch.cat(ts, 1) for ts in zip(*parts)))
-    return params.map(lambda t: _take(t, inverse)), _take(torch.cat(ok, 1), inverse)
+    found the same optima on the suite but cost 1.6x on W1: rougher starts need more EM.) Every
+    restart has its own uniforms (:func:`_diverse_uniforms`)."""
+    u = _diverse_uniforms(n_components, n_restarts, gen, x)
+    return _kmeans_family(x, w, n_components, _recipes(n_restarts), u, cov, reg, compile, chunk_size, line)
 
 
 def _cat_restarts(parts) -> tuple[GMMParams, Tensor]:
@@ -583,8 +637,10 @@ def initialize(
             return params.map(lambda t: _take(t, inverse)), _take(ok, inverse)
     if init_params == "hierarchical":
         first = _hierarchical(x, w, n_components, cov, reg, gen, **opts)
-    elif init_params == "kmeans" and n_init > 1:
-        first = _start(x, w, n_components, 1, "kmeans", cov, reg_covar, gen, **kopts)
+    elif init_params == "kmeans" and n_init > 1:  # restart 0 is _start's kmeans, drawn first; all in one family
+        u = torch.cat([_uniform((n_components, 1, greedy_trials(n_components)), gen, x), _diverse_uniforms(n_components, n_init - 1, gen, x)], 1)
+        recipes = [(True, KMEANS_MAX_ITER)] + _recipes(n_init - 1)
+        return _kmeans_family(x, w, n_components, recipes, u, cov, reg, **kopts)
     else:
         return _start(x, w, n_components, n_init, init_params, cov, reg_covar, gen, **kopts)
     if n_init == 1:
