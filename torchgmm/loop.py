@@ -24,6 +24,7 @@ Data arrive standardized (see ``fit``); no validation and no messages here.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
@@ -69,8 +70,9 @@ def all_finite(params: GMMParams, n_lead: int = 1) -> Tensor:
 # -- the data side -----------------------------------------------------------------------------------
 class Batch(NamedTuple):
     """The data of a set of members, broadcast against their parameters' leading dims ``lead``:
-    ``(B, R)`` for every member in order (``x (B, 1, N, D)``, a view), else ``(S,)`` (``x (S, N, D)``,
-    the members' series gathered)."""
+    ``(B, R)`` for every member in order with restarts (``x (B, 1, N, D)``, a view), else ``(S,)``
+    (``x (S, N, D)``: the series themselves when each has one member, or the members' series
+    gathered)."""
 
     lead: tuple
     x: Tensor  # (*lead', N, D)
@@ -81,10 +83,12 @@ class Batch(NamedTuple):
 
     @property
     def size(self) -> int:
-        return int(torch.Size(self.lead).numel())
+        return math.prod(self.lead)
 
     def shaped(self, tree):
-        """Flat member tensors ``(S, ...)`` -> ``(*lead, ...)`` (a view)."""
+        """Flat member tensors ``(S, ...)`` -> ``(*lead, ...)`` (a view; the tree itself when flat)."""
+        if len(self.lead) == 1:
+            return tree
         return tree_map(lambda t: t.reshape(*self.lead, *t.shape[1:]), tree)
 
     def subset(self, sel: Tensor) -> "Batch":
@@ -97,9 +101,12 @@ class Batch(NamedTuple):
         return Batch((len(sel),), pick(self.x), pick(self.w), pick(self.w_total), pick(self.reg), tree_map(pick, self.prior))
 
     def flat(self, tree):
-        """``(*lead, ...)`` -> flat ``(S, ...)``."""
+        """``(*lead, ...)`` -> flat ``(S, ...)`` (the tree itself when flat)."""
         n = len(self.lead)
-        return tree_map(lambda t: t.reshape(self.size, *t.shape[n:]), tree)
+        if n == 1:
+            return tree
+        size = self.size
+        return tree_map(lambda t: t.reshape(size, *t.shape[n:]), tree)
 
 
 class Members:
@@ -116,8 +123,11 @@ class Members:
 
     def batch(self, members: Optional[Tensor] = None) -> Batch:
         """The :class:`Batch` of every member in order (``members=None``: the data broadcast
-        against ``(B, R)`` parameters, no copy), or of the flat ids ``members (S,)`` (their series'
-        rows gathered; ids may repeat)."""
+        against ``(B, R)`` parameters, no copy; with one member per series the series themselves,
+        flat ``(B,)``), or of the flat ids ``members (S,)`` (their series' rows gathered; ids may
+        repeat)."""
+        if members is None and self.n_init == 1:
+            return Batch((self.n_series,), self.x, self.w, self.w_total, self.reg, self.prior)
         if members is None:
             return Batch(
                 (self.n_series, self.n_init), self.x.unsqueeze(1), self.w.unsqueeze(1),
@@ -277,7 +287,8 @@ def run_members(
         for o, p in zip(out, rule.params(state)):
             o[idx] = p
         for o, t in zip(out_track, track):
-            o[idx] = t
+            if t is not o:  # (a field no iteration changed is still the out tensor itself)
+                o[idx] = t
         if pending:
             its = torch.tensor([it for it, _, _ in pending], device=device)
             rows, cols = idx.unsqueeze(-1), its.unsqueeze(0)
@@ -291,29 +302,51 @@ def run_members(
     try:
         for it in range(max_iter if n_active else 0):
             s = rule.step(batch, state, active)
-            good = active & s.ok
+            everyone = n_active == len(idx)  # every working member was active: `active` masks nothing
+            good = s.ok if everyone else active & s.ok
             accepted = good if s.accepted is None else good & s.accepted
             if s.converged is None:
                 converged_now = accepted & ((s.value - track.reference).abs() < tol)
             else:
                 converged_now = good & s.converged
-            failed_now = active & ~s.ok
-            spent = track.spent + (1.0 if s.passes is None else torch.where(active, s.passes, 0.0))
-            record = (it, torch.where(active, s.value, torch.nan), torch.where(active, spent, torch.nan))
-            # One assignment, so that an interrupt leaves a consistent state.
-            state, track, active, _ = (
-                tree_where(good, s.state, state),
-                _Track(
-                    torch.where(active & torch.isfinite(s.value), s.value, track.lower_bound),
-                    torch.where(accepted, s.value, track.reference),
-                    torch.where(active, it + 1, track.n_iter),
-                    track.converged | converged_now,
-                    track.failed | failed_now,
-                    spent,
-                ),
-                active & ~converged_now & ~failed_now,
-                pending.append(record),
-            )
+            still = good & ~converged_now  # active after this iteration
+            n_still = int(still.sum())
+            if everyone and n_still == n_active:
+                # Nobody stopped: every member was good and goes on (no failure, no convergence):
+                # the new states as they are, the bookkeeping without masks.
+                spent = track.spent + (1.0 if s.passes is None else s.passes)
+                record = (it, s.value, spent)
+                state, track, active, n_active, _ = (
+                    s.state,
+                    track._replace(
+                        lower_bound=torch.where(torch.isfinite(s.value), s.value, track.lower_bound),
+                        reference=s.value if s.accepted is None else torch.where(s.accepted, s.value, track.reference),
+                        n_iter=track.n_iter + 1,
+                        spent=spent,
+                    ),
+                    still,
+                    n_still,
+                    pending.append(record),
+                )
+            else:
+                failed_now = active & ~s.ok
+                spent = track.spent + (1.0 if s.passes is None else torch.where(active, s.passes, 0.0))
+                record = (it, torch.where(active, s.value, torch.nan), torch.where(active, spent, torch.nan))
+                # One assignment, so that an interrupt leaves a consistent state.
+                state, track, active, n_active, _ = (
+                    tree_where(good, s.state, state),
+                    _Track(
+                        torch.where(active & torch.isfinite(s.value), s.value, track.lower_bound),
+                        torch.where(accepted, s.value, track.reference),
+                        torch.where(active, it + 1, track.n_iter),
+                        track.converged | converged_now,
+                        track.failed | failed_now,
+                        spent,
+                    ),
+                    still,
+                    n_still,
+                    pending.append(record),
+                )
             elapsed.append(time.perf_counter() - clock)
             if progress is not None:
                 progress(it + 1, int(active.sum()), float(s.value[active].mean()) if bool(active.any()) else float("nan"))
@@ -323,7 +356,7 @@ def run_members(
                 keep = torch.zeros_like(score, dtype=torch.bool)
                 keep[torch.arange(score.shape[0], device=device), score.argmax(-1)] = True
                 active = active & keep.reshape(-1)[idx]
-            n_active = int(active.sum())
+                n_active = int(active.sum())
             if n_active == 0:
                 break
             if n_active <= compact_below * len(idx):
