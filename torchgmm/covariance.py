@@ -303,6 +303,8 @@ class Full(Covariance):
         return _cov_from_prec_chol_matrix(prec_chol)
 
     def precision_from_prec_chol(self, prec_chol):
+        if prec_chol.shape[-1] == 1:  # univariate: a square, not a product of 1 x 1 matrices
+            return prec_chol.square()
         return prec_chol @ prec_chol.mT
 
     def prec_chol_from_precision(self, precision):

@@ -6,12 +6,13 @@ everything else, once:
 
 - the working set of members and their data (:class:`Members`, :class:`Batch`): first every member
   in order, its parameters ``(B, R, ...)`` against the data broadcast as ``(B, 1, N, D)`` (a view,
-  no copy per restart); once at most ``compact_below`` of them are still active, only the active
-  ones, with their series' rows gathered (at least two rows, so that a compiled step is not
-  recompiled for a batch of one);
+  no copy per restart; with one member per series, flat ``(B, ...)`` against the series); once at
+  most ``compact_below`` of them are still active, only the active ones, with their series' rows
+  gathered (at least two rows, so that a compiled step is not recompiled for a batch of one);
 - per-member convergence (``|change of the objective| < tol`` between consecutive accepted
   values, scikit-learn's rule) and failure (the rule says ``ok=False``: the member keeps its last
-  state, is marked failed, and never touches its neighbours);
+  state, is marked failed, and never touches its neighbours); an iteration after which every
+  working member goes on needs no masks (the common case: one synchronization per iteration);
 - write-back of finished members, the histories (objective, data passes, elapsed time),
   ``max_iter == 0`` (the objective of the start), pruning of restarts (``prune_after``), a
   progress callback, and Ctrl-C at an iteration boundary.
@@ -321,7 +322,7 @@ def run_members(
                     track._replace(
                         lower_bound=torch.where(torch.isfinite(s.value), s.value, track.lower_bound),
                         reference=s.value if s.accepted is None else torch.where(s.accepted, s.value, track.reference),
-                        n_iter=track.n_iter + 1,
+                        n_iter=track.n_iter + 1,  # (all active so far: n_iter == it)
                         spent=spent,
                     ),
                     still,
