@@ -70,9 +70,10 @@ def cholesky_with_jitter(matrix: Tensor, jitter: Tensor) -> tuple[Tensor, Tensor
 
 def _prec_chol_from_cov_matrix(cov: Tensor, jitter: Tensor) -> tuple[Tensor, Tensor]:
     """Upper-triangular U with ``U U^T = cov^-1`` for ``cov (..., D, D)``; and the ok mask."""
+    if cov.shape[-1] == 1:  # univariate: 1 / sqrt, as cholesky_with_jitter's square root (no jitter needed)
+        positive = cov > 0
+        return torch.where(positive, cov, 1.0).rsqrt(), positive[..., 0, 0]
     chol, ok = cholesky_with_jitter(cov, jitter)
-    if cov.shape[-1] == 1:
-        return chol.reciprocal(), ok
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
     inv_chol = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
     return inv_chol.mT, ok
@@ -265,16 +266,18 @@ class Full(Covariance):
         return matmul((diff * resp.unsqueeze(-1)).mT, diff)  # (*B, K, D, D)
 
     def univariate_scatter(self, sum_sq):
-        return sum_sq[..., None, None]
+        return _matrix_dims(sum_sq)
 
-    def _centred(self, nk, shift, scatter):
-        return scatter - nk[..., None, None] * shift.unsqueeze(-1) * shift.unsqueeze(-2)  # (*B, K, D, D)
+    def _centred(self, n, shift, scatter):
+        """The scatter about the new means, ``scatter - n shift shift^T``, for counts ``n (*B, K, 1, 1)``."""
+        return scatter - n * shift.unsqueeze(-1) * shift.unsqueeze(-2)  # (*B, K, D, D)
 
     def covariance(self, nk, shift, scatter, reg_covar, count=None):
-        cov = self._centred(nk, shift, scatter) / (nk if count is None else count)[..., None, None]
+        n = _matrix_dims(nk)
+        cov = self._centred(n, shift, scatter) / (n if count is None else _matrix_dims(count))
         if cov.shape[-1] > 1:  # (a 1 x 1 matrix is symmetric)
             cov = 0.5 * (cov + cov.mT)
-        return cov + _diag_matrix(reg_covar[..., None], cov)
+        return cov + _diag_matrix(reg_covar.unsqueeze(-1), cov)
 
     def valid_precision(self, precision):
         symmetric = torch.allclose(precision, precision.mT, rtol=1e-5, atol=1e-8)
@@ -347,7 +350,7 @@ class Tied(Full):
         return prec_chol.unsqueeze(-3).expand(*prec_chol.shape[:-2], n_components, *prec_chol.shape[-2:])
 
     def covariance(self, nk, shift, scatter, reg_covar, count=None):
-        cov = self._centred(nk, shift, scatter).sum(-3) / (nk if count is None else count).sum(-1)[..., None, None]
+        cov = self._centred(_matrix_dims(nk), shift, scatter).sum(-3) / _matrix_dims((nk if count is None else count).sum(-1))
         cov = 0.5 * (cov + cov.mT)
         return cov + _diag_matrix(reg_covar, cov)
 
@@ -402,8 +405,9 @@ class Diag(Covariance):
         return sum_sq[..., None]
 
     def covariance(self, nk, shift, scatter, reg_covar, count=None):
-        var = (scatter - nk[..., None] * shift.square()).clamp_min(0.0) / (nk if count is None else count)[..., None]
-        return var + reg_covar[..., None, None]
+        n = nk.unsqueeze(-1)
+        var = (scatter - n * shift.square()).clamp_min(0.0) / (n if count is None else count.unsqueeze(-1))
+        return var + _matrix_dims(reg_covar)
 
     def prior_scale_shape(self, n_features):
         return (n_features,)
@@ -418,8 +422,8 @@ class Diag(Covariance):
         return dof + 3
 
     def prec_chol_from_covariance(self, cov, reg_covar):
-        ok = (cov > 0).flatten(-2).all(-1)
-        return torch.rsqrt(torch.where(cov > 0, cov, torch.ones_like(cov))), ok
+        positive = cov > 0
+        return torch.rsqrt(torch.where(positive, cov, 1.0)), positive.flatten(-2).all(-1)
 
     def covariance_from_prec_chol(self, prec_chol):
         return prec_chol.square().reciprocal()
@@ -473,8 +477,8 @@ class Spherical(Diag):
         return values.unsqueeze(-1).expand(*values.shape, n_features)
 
     def prec_chol_from_covariance(self, cov, reg_covar):
-        ok = (cov > 0).all(-1)
-        return torch.rsqrt(torch.where(cov > 0, cov, torch.ones_like(cov))), ok
+        positive = cov > 0
+        return torch.rsqrt(torch.where(positive, cov, 1.0)), positive.all(-1)
 
     def full_covariance(self, prec_chol, n_components, n_features):
         var = self.covariance_from_prec_chol(prec_chol)[..., None].expand(*prec_chol.shape, n_features)
@@ -484,10 +488,15 @@ class Spherical(Diag):
         return cov
 
 
+def _matrix_dims(t: Tensor) -> Tensor:
+    """``t (...)`` as ``(..., 1, 1)`` (one view), to broadcast against matrices."""
+    return t.reshape(t.shape + (1, 1))
+
+
 def _diag_matrix(values: Tensor, like: Tensor) -> Tensor:
     """``values (...)`` on the diagonal of a matrix shaped like ``like (..., D, D)``."""
     if like.shape[-1] == 1:
-        return values[..., None, None]
+        return _matrix_dims(values)
     eye = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device)
     return values[..., None, None] * eye
 

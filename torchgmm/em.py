@@ -181,7 +181,7 @@ class UnivariateEMRule:
         new, ok = m_step(stats, p.means, self.cov, batch.reg)
         if self._masked:  # a component of weight exactly 0 stays at 0, as in em_step
             new = new._replace(log_weights=torch.where(torch.isneginf(p.log_weights), p.log_weights, new.log_weights))
-        unsafe = expansion_unsafe(c2, mu).any() if x.dtype != torch.float64 else None
-        self._guards.append((s.amin(), value.reshape(-1), unsafe))
         new, value, ok = batch.flat((new, value, ok))
+        unsafe = expansion_unsafe(c2, mu).any() if x.dtype != torch.float64 else None
+        self._guards.append((s.amin(), value, unsafe))
         return Step(new, value, ok)

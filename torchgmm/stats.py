@@ -288,7 +288,7 @@ def m_step(
     shift = stats.sum_diff / stats.nk.unsqueeze(-1)  # (*B, K, D): new mean - ref
     covariance = cov.covariance(stats.nk, shift, stats.scatter, reg_covar, count)
     prec_chol, ok = cov.prec_chol_from_covariance(covariance, reg_covar)
-    log_weights = torch.log(nk) - torch.log(nk.sum(-1, keepdim=True))  # the data's counts, never the prior's
+    log_weights = torch.log(nk / nk.sum(-1, keepdim=True))  # the data's counts, never the prior's
     return GMMParams(log_weights, ref + shift, prec_chol), ok
 
 
