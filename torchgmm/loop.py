@@ -276,7 +276,7 @@ def run_members(
         track = track._replace(failed=track.failed | ~start.ok)
     if start.passes is not None:
         track = track._replace(spent=track.spent + start.passes)
-    active = ~track.failed
+    active = ~track.failed if start.ok is not None else torch.ones(m, dtype=torch.bool, device=device)
 
     # Histories of the working members since the last write-back: (iteration, values, passes), each
     # masked by activity; written into `history` / `passes` in one go (not one scatter per iteration).
@@ -299,18 +299,18 @@ def run_members(
 
     interrupted = False
     clock = time.perf_counter()
-    n_active = int(active.sum())
+    n_active = int(active.sum()) if start.ok is not None else m
     try:
         for it in range(max_iter if n_active else 0):
             s = rule.step(batch, state, active)
             everyone = n_active == len(idx)  # every working member was active: `active` masks nothing
             good = s.ok if everyone else active & s.ok
-            accepted = good if s.accepted is None else good & s.accepted
-            if s.converged is None:
-                converged_now = accepted & ((s.value - track.reference).abs() < tol)
+            if s.converged is None:  # converges where good, accepted and |change| < tol
+                close = (s.value - track.reference).abs() < tol
+                converges = close if s.accepted is None else close & s.accepted
             else:
-                converged_now = good & s.converged
-            still = good & ~converged_now  # active after this iteration
+                converges = s.converged
+            still = good & ~converges  # active after this iteration
             n_still = int(still.sum())
             if everyone and n_still == n_active:
                 # Nobody stopped: every member was good and goes on (no failure, no convergence):
@@ -319,17 +319,21 @@ def run_members(
                 record = (it, s.value, spent)
                 state, track, active, n_active, _ = (
                     s.state,
-                    track._replace(
-                        lower_bound=torch.where(torch.isfinite(s.value), s.value, track.lower_bound),
-                        reference=s.value if s.accepted is None else torch.where(s.accepted, s.value, track.reference),
-                        n_iter=track.n_iter + 1,  # (all active so far: n_iter == it)
-                        spent=spent,
+                    _Track(
+                        torch.where(torch.isfinite(s.value), s.value, track.lower_bound),
+                        s.value if s.accepted is None else torch.where(s.accepted, s.value, track.reference),
+                        track.n_iter + 1,  # (all active so far: n_iter == it)
+                        track.converged,
+                        track.failed,
+                        spent,
                     ),
                     still,
                     n_still,
                     pending.append(record),
                 )
             else:
+                accepted = good if s.accepted is None else good & s.accepted
+                converged_now = good & converges
                 failed_now = active & ~s.ok
                 spent = track.spent + (1.0 if s.passes is None else torch.where(active, s.passes, 0.0))
                 record = (it, torch.where(active, s.value, torch.nan), torch.where(active, spent, torch.nan))

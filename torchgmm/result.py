@@ -109,7 +109,7 @@ class FitResult:
             best = torch.zeros(n_series, dtype=torch.long, device=lb.device)
 
             def pick(t):
-                return t.reshape(n_series, *t.shape[1:])
+                return t  # (M, ...) is (B, ...)
         else:
             finite = torch.isfinite(lb)
             clean = finite & ~degenerate.any(-1) & ~failed
