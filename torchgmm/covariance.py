@@ -97,12 +97,16 @@ def _strict_upper(matrix: Tensor) -> Tensor:
 
 def _triu_to_unconstrained(prec_chol: Tensor) -> Tensor:
     """Upper-triangular factor with positive diagonal -> same matrix with ``log`` diagonal."""
+    if prec_chol.shape[-1] == 1:  # 1 x 1: the diagonal alone
+        return prec_chol.log()
     diag = torch.diagonal(prec_chol, dim1=-2, dim2=-1)
     return _strict_upper(prec_chol) + torch.diag_embed(torch.log(diag))
 
 
 def _triu_from_unconstrained(raw: Tensor) -> Tensor:
     """Inverse of :func:`_triu_to_unconstrained`; entries below the diagonal are ignored."""
+    if raw.shape[-1] == 1:  # 1 x 1: the diagonal alone
+        return raw.exp()
     diag = torch.diagonal(raw, dim1=-2, dim2=-1)
     return _strict_upper(raw) + torch.diag_embed(torch.exp(diag))
 

@@ -131,15 +131,20 @@ def _initialize(xs, data: _Data, k, n_init, init_params, cov, reg, random_state,
     same generator state: the draws are shared by all series anyway, so a block gives what one
     call on the whole batch would), with the given parameters in place of the drawn ones."""
     gen = make_generator(random_state)
-    state, parts = gen.get_state(), []
     block = block_series(plan.init_block_series, xs.shape[0], xs.shape[-2], xs.shape[-1], n_init, init_params)
-    for part in even_slices(xs.shape[0], block):
-        gen.set_state(state)
-        parts.append(initialize(xs[part], data.w[part], k, n_init, init_params, cov, reg[part], gen,
-                                compile=plan.compile, chunk_size=plan.init_chunk))
-    inits, distinct = zip(*parts)
-    init = GMMParams(*(torch.cat(ts) for ts in zip(*inits)))
-    short = ~torch.cat(distinct).all(-1) & ~data.empty
+    blocks = even_slices(xs.shape[0], block)
+    if len(blocks) == 1:  # the whole batch at once: no state to rewind, nothing to join
+        init, distinct = initialize(xs, data.w, k, n_init, init_params, cov, reg, gen, compile=plan.compile,
+                                    chunk_size=plan.init_chunk)
+    else:
+        state, parts = gen.get_state(), []
+        for part in blocks:
+            gen.set_state(state)
+            parts.append(initialize(xs[part], data.w[part], k, n_init, init_params, cov, reg[part], gen,
+                                    compile=plan.compile, chunk_size=plan.init_chunk))
+        inits, distincts = zip(*parts)
+        init, distinct = GMMParams(*(torch.cat(ts) for ts in zip(*inits))), torch.cat(distincts)
+    short = ~distinct.all(-1) & ~data.empty
     if warn and bool(short.any()):
         warnings.warn(
             f"{int(short.sum())} series have fewer distinct points than n_components={k}"
@@ -148,6 +153,8 @@ def _initialize(xs, data: _Data, k, n_init, init_params, cov, reg, random_state,
             FitWarning,
             stacklevel=stacklevel + 1,
         )
+    if not given:
+        return init
     return init._replace(**{name: t.unsqueeze(1).expand_as(getattr(init, name)) for name, t in given.items()})
 
 

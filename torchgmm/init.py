@@ -127,9 +127,11 @@ def _seed_step(x: Tensor, base: Tensor, d2: Tensor, u: Tensor, d2_weighting: boo
     idx = _draw_index(prob.unsqueeze(-2), u.unsqueeze(-1))  # (B, R, L)
     cand = _gather_points(x, idx)  # (B, R, L, D)
     cand_d2 = torch.minimum(d2.unsqueeze(-2), _squared_distances(x, cand))  # (B, R, L, N)
-    best = (cand_d2 * base.unsqueeze(-2)).sum(-1).argmin(-1, keepdim=True)  # (B, R, 1)
-    seed = torch.gather(cand, 2, best.unsqueeze(-1).expand(-1, -1, 1, cand.shape[-1])).squeeze(2)
-    d2 = torch.gather(cand_d2, 2, best.unsqueeze(-1).expand(-1, -1, 1, cand_d2.shape[-1])).squeeze(2)
+    if cand.shape[2] == 1:  # one candidate: it is the seed
+        return cand.squeeze(2), cand_d2.squeeze(2), has_new
+    best = (cand_d2 * base.unsqueeze(-2)).sum(-1).argmin(-1, keepdim=True).unsqueeze(-1)  # (B, R, 1, 1)
+    seed = torch.gather(cand, 2, best.expand(-1, -1, 1, cand.shape[-1])).squeeze(2)
+    d2 = torch.gather(cand_d2, 2, best.expand(-1, -1, 1, cand_d2.shape[-1])).squeeze(2)
     return seed, d2, has_new
 
 

@@ -308,37 +308,15 @@ class GaussianMixture(GaussianAttributes, nn.Module):
         batch_shape: Sequence[int] = (),
     ):
         """See the class docstring for the settings."""
+        settings = {name: value for name, value in locals().items() if name not in ("self", "__class__", "batch_shape")}
         super().__init__()
-        self.n_components = n_components
-        self.covariance_type = covariance_type
-        self.tol = tol
-        self.reg_covar = reg_covar
-        self.max_iter = max_iter
-        self.n_init = n_init
-        self.init_params = init_params
-        self.weights_init = weights_init
-        self.means_init = means_init
-        self.precisions_init = precisions_init
-        self.random_state = random_state
-        self.warm_start = warm_start
-        self.verbose = verbose
-        self.verbose_interval = verbose_interval
-        self.device = device
-        self.dtype = dtype
-        self.nan_policy = nan_policy
-        self.chunk_size = chunk_size
-        self.memory_budget = memory_budget
-        self.method = method
-        self.optimizer = optimizer
-        self.lr = lr
-        self.prior = prior
-        self.catch_interrupt = catch_interrupt
-        self.compile = compile
-        self.prune_after = prune_after
-        self.criterion = criterion
-        self.refine = refine
-        self.process_group = process_group
-        self.n_features = n_features
+        # The settings as plain attributes in one update: nn.Module.__setattr__ per setting costs
+        # microseconds each (it registers Parameters, Modules and Buffers; a value of those kinds
+        # still goes through it).
+        special = {name for name, value in settings.items() if isinstance(value, (nn.Parameter, nn.Module, nn.Buffer))}
+        self.__dict__.update({name: value for name, value in settings.items() if name not in special})
+        for name in special:
+            setattr(self, name, settings[name])
         self._init_batch_shape = batch_shape  # ``batch_shape`` is the property of the current parameters
         self.result_: Optional[FitResult] = None
         for name in _PARAMETERS:
