@@ -241,8 +241,8 @@ def run_members(
     m = members.m
     x = members.x
     device, dtype = x.device, x.dtype
-    out = init.map(lambda t: t.reshape(m, *t.shape[2:]).clone())  # (M, ...)
-    out_track = _Track(
+    start_params = init.map(lambda t: t.reshape(m, *t.shape[2:]))  # (M, ...), views of `init`
+    initial = _Track(
         torch.full((m,), -torch.inf, dtype=dtype, device=device),
         (torch.full((m,), -torch.inf, dtype=dtype, device=device) if reference is None
          else reference.to(device=device, dtype=dtype).reshape(m).clone()),
@@ -259,13 +259,14 @@ def run_members(
         return torch.tensor(elapsed + [torch.nan] * (max_iter - len(elapsed)), dtype=torch.float64)
 
     idx = torch.arange(m, device=device)  # the working members
+    n_working = m  # len(idx)
     batch = members.batch()
     if max_iter == 0:
-        lower_bound = rule.objective(batch, out)
-        return MemberRun(out, lower_bound, *out_track[2:5], history, passes, elapsed_tensor(), False)
+        lower_bound = rule.objective(batch, start_params)
+        return MemberRun(start_params.map(torch.clone), lower_bound, *initial[2:5], history, passes, elapsed_tensor(), False)
 
-    start = rule.start(batch, init.map(lambda t: t.reshape(m, *t.shape[2:])))  # never aliases `out`
-    state, track = start.state, out_track
+    start = rule.start(batch, start_params)
+    state, track = start.state, initial
     if start.value is not None:
         usable = torch.isfinite(start.value)
         track = track._replace(
@@ -281,8 +282,15 @@ def run_members(
     # Histories of the working members since the last write-back: (iteration, values, passes), each
     # masked by activity; written into `history` / `passes` in one go (not one scatter per iteration).
     pending: list = []
+    # Every member's outcome (M, ...), made at the first write-back (compaction, pruning); a run
+    # without one ends with the working members themselves: every member in order.
+    out: Optional[GMMParams] = None
+    out_track = initial
 
     def write_back():
+        nonlocal out
+        if out is None:
+            out = start_params.map(torch.clone)
         if len(idx) == 0:  # an empty batch: nothing to write (and empty tensors may alias)
             return
         for o, p in zip(out, rule.params(state)):
@@ -297,13 +305,24 @@ def run_members(
             passes[rows, cols] = torch.stack([p for _, _, p in pending], -1)
             pending.clear()
 
+    def finish():
+        """The working members are every member in order: they are the outcome (the parameters
+        copied only where they are still the start's), their histories the first columns."""
+        nonlocal out, out_track
+        params = rule.params(state)
+        out = type(params)(*(p.clone() if p.data_ptr() == q.data_ptr() else p for p, q in zip(params, start_params)))
+        out_track = track
+        if pending:
+            history[:, :len(pending)] = torch.stack([v for _, v, _ in pending], -1)
+            passes[:, :len(pending)] = torch.stack([p for _, _, p in pending], -1)
+
     interrupted = False
     clock = time.perf_counter()
     n_active = int(active.sum()) if start.ok is not None else m
     try:
         for it in range(max_iter if n_active else 0):
             s = rule.step(batch, state, active)
-            everyone = n_active == len(idx)  # every working member was active: `active` masks nothing
+            everyone = n_active == n_working  # every working member was active: `active` masks nothing
             good = s.ok if everyone else active & s.ok
             if s.converged is None:  # converges where good, accepted and |change| < tol
                 close = (s.value - track.reference).abs() < tol
@@ -364,21 +383,24 @@ def run_members(
                 n_active = int(active.sum())
             if n_active == 0:
                 break
-            if n_active <= compact_below * len(idx):
+            if n_active <= compact_below * n_working:
                 write_back()
                 keep = active.nonzero().squeeze(-1)
                 if len(keep) == 1:  # keep >= 2 rows: a batch of 1 would recompile a fused step
                     keep = keep.repeat(2)  # (the twin rows compute and write back identical values)
-                idx = idx[keep]
+                idx, n_working = idx[keep], len(keep)
                 state = tree_map(lambda t: t[keep], state)
                 track = tree_map(lambda t: t[keep], track)
-                active = torch.ones(len(idx), dtype=torch.bool, device=device)
+                active = torch.ones(n_working, dtype=torch.bool, device=device)
                 batch = members.batch(idx)
     except KeyboardInterrupt:
         if not catch_interrupt:
             raise
         interrupted = True
-    write_back()
+    if out is None:
+        finish()
+    else:
+        write_back()
     return MemberRun(out, out_track.lower_bound, out_track.n_iter, out_track.converged, out_track.failed,
                      history, passes, elapsed_tensor(), interrupted)
 
