@@ -72,7 +72,7 @@ def _prec_chol_from_cov_matrix(cov: Tensor, jitter: Tensor) -> tuple[Tensor, Ten
     """Upper-triangular U with ``U U^T = cov^-1`` for ``cov (..., D, D)``; and the ok mask."""
     if cov.shape[-1] == 1:  # univariate: 1 / sqrt, as cholesky_with_jitter's square root (no jitter needed)
         positive = cov > 0
-        return torch.where(positive, cov, 1.0).rsqrt(), positive[..., 0, 0]
+        return torch.where(positive, cov, 1.0).rsqrt(), positive.view(positive.shape[:-2])
     chol, ok = cholesky_with_jitter(cov, jitter)
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
     inv_chol = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
@@ -274,14 +274,17 @@ class Full(Covariance):
 
     def _centred(self, n, shift, scatter):
         """The scatter about the new means, ``scatter - n shift shift^T``, for counts ``n (*B, K, 1, 1)``."""
-        return scatter - n * shift.unsqueeze(-1) * shift.unsqueeze(-2)  # (*B, K, D, D)
+        return torch.addcmul(scatter, n * shift.unsqueeze(-1), shift.unsqueeze(-2), value=-1)  # (*B, K, D, D)
 
     def covariance(self, nk, shift, scatter, reg_covar, count=None):
         n = _matrix_dims(nk)
-        cov = self._centred(n, shift, scatter) / (n if count is None else _matrix_dims(count))
-        if cov.shape[-1] > 1:  # (a 1 x 1 matrix is symmetric)
-            cov = 0.5 * (cov + cov.mT)
-        return cov + _diag_matrix(reg_covar.unsqueeze(-1), cov)
+        centred = self._centred(n, shift, scatter)
+        denominator = n if count is None else _matrix_dims(count)
+        reg = _diag_matrix(reg_covar.unsqueeze(-1), centred)
+        if centred.shape[-1] == 1:  # (a 1 x 1 matrix is symmetric)
+            return torch.addcdiv(reg, centred, denominator)
+        cov = centred / denominator
+        return 0.5 * (cov + cov.mT) + reg
 
     def valid_precision(self, precision):
         symmetric = torch.allclose(precision, precision.mT, rtol=1e-5, atol=1e-8)
@@ -303,7 +306,8 @@ class Full(Covariance):
         return dof + n_features + 2
 
     def prec_chol_from_covariance(self, cov, reg_covar):
-        prec_chol, ok = _prec_chol_from_cov_matrix(cov, reg_covar[..., None])
+        jitter = reg_covar[..., None] if cov.shape[-1] > 1 else reg_covar  # (a 1 x 1 factor takes none)
+        prec_chol, ok = _prec_chol_from_cov_matrix(cov, jitter)
         return prec_chol, ok.all(-1)
 
     def covariance_from_prec_chol(self, prec_chol):

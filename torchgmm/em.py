@@ -132,7 +132,7 @@ class UnivariateEMRule:
         self.cov = get_covariance(covariance_type)
         self._guards: list = []  # per iteration: the smallest point sum, the values, float32's expansion flag
         self._masked = False  # some component has weight exactly 0 (model selection's padding)
-        self._feats: tuple = (None, None, None)  # (the batch's x, x (*L', 1, N), weighted [1, x, x^2] (*L', N, 3))
+        self._feats: tuple = (None,) * 4  # the batch's x, x (*L', 1, N), weighted [1, x, x^2] (*L', N, 3), w / w_total
 
     def tripped(self) -> bool:
         """Whether a guard fired during the run (one synchronization)."""
@@ -149,13 +149,13 @@ class UnivariateEMRule:
         self._masked = bool(torch.isneginf(params.log_weights).any())
         return Start(params)
 
-    def _features(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """The batch's points as a row ``(*L', 1, N)`` and their weighted ``[w, w x, w x^2]``
-        ``(*L', N, 3)``, computed once per batch."""
+    def _features(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """The batch's points as a row ``(*L', 1, N)``, their weighted ``[w, w x, w x^2]``
+        ``(*L', N, 3)`` and their weights in units of the total ``(*L', N)``, computed once per batch."""
         if self._feats[0] is not batch.x:
             x, w = batch.x, batch.w.unsqueeze(-1)  # (*L', N, 1) each
-            self._feats = (batch.x, x.mT, torch.cat([w, w * x, w * x.square()], -1))
-        return self._feats[1], self._feats[2]
+            self._feats = (batch.x, x.mT, torch.cat([w, w * x, w * x.square()], -1), batch.w / batch.w_total.unsqueeze(-1))
+        return self._feats[1:]
 
     def params(self, state: GMMParams) -> GMMParams:
         return state
@@ -168,15 +168,15 @@ class UnivariateEMRule:
         mu = p.means  # (*L, K, 1)
         q = self.cov.precision_from_prec_chol(p.prec_chol).reshape(mu.shape[:-2] + (-1, 1))  # (*L, K, 1); tied (*L, 1, 1)
         c0, c1, c2 = univariate_quadratic(p.log_weights.unsqueeze(-1), mu, q)  # (*L, K, 1) each
-        x, feats = self._features(batch)  # (*L', 1, N), (*L', N, 3)
+        x, feats, w_share = self._features(batch)  # (*L', 1, N), (*L', N, 3), (*L', N)
         e = exp_normal(torch.addcmul(c0, x, torch.addcmul(c1, x, c2)), True)  # (*L, K, N)
         s = e.sum(-2)  # (*L, N)
-        value = (batch.w * s.log()).sum(-1) / batch.w_total  # (*L): mean log-likelihood before the update
+        value = (w_share * s.log()).sum(-1)  # (*L): mean log-likelihood before the update
         e.div_(s.unsqueeze(-2))  # responsibilities
         moments = torch.bmm(e, feats) if e.dim() == 3 else e @ feats  # (*L, K, 3): sums of r, r x, r x^2
-        s0, s1, s2 = moments.split(1, -1)  # (*L, K, 1) each
-        sum_diff = s1 - s0 * mu  # about the current means
-        centred = s2 - mu * (s1 + sum_diff)  # sum r (x - mu)^2
+        s0, s1, s2 = moments.split_with_sizes((1, 1, 1), -1)  # (*L, K, 1) each
+        sum_diff = torch.addcmul(s1, s0, mu, value=-1)  # about the current means
+        centred = torch.addcmul(s2, mu, s1 + sum_diff, value=-1)  # sum r (x - mu)^2
         stats = Stats(s0.squeeze(-1), sum_diff, self.cov.univariate_scatter(centred.squeeze(-1)), value)
         new, ok = m_step(stats, p.means, self.cov, batch.reg)
         if self._masked:  # a component of weight exactly 0 stays at 0, as in em_step

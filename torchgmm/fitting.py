@@ -58,9 +58,25 @@ def _first(mask: Tensor, batch_shape) -> str:
     return f" (first: series {first})"
 
 
+def _too_few_points(k: int, n_valid: int) -> ValueError:
+    return ValueError(
+        f"n_components={k} must be <= the number of positive-weight samples, n_samples={n_valid}; "
+        "reduce n_components or provide more data"
+    )
+
+
 def prepare(X, sample_weight, k: int, nan_policy: str = "raise", dtype=None, device=None, n_features=None) -> _Data:
     """Validated data with the batch flattened, in units of points (see :class:`_Data`)."""
     x, nan_rows = validation.as_data(X, dtype=dtype, device=device, n_features=n_features, nan_policy=nan_policy, min_samples=2)
+    if sample_weight is None and nan_rows is None:  # every point with weight 1: the counts need no pass
+        batch_shape, (n, d) = x.shape[:-2], x.shape[-2:]
+        if len(batch_shape) == 0 and n < k:
+            raise _too_few_points(k, n)
+        x = x.reshape(-1, n, d)
+        factory = dict(device=x.device)
+        return _Data(x, torch.ones(x.shape[:2], dtype=x.dtype, **factory), batch_shape,
+                     torch.full((x.shape[0],), n, **factory), torch.zeros(x.shape[0], dtype=torch.bool, **factory),
+                     torch.full((x.shape[0],), n < k, **factory))
     w = validation.as_sample_weight(sample_weight, x)
     if nan_rows is not None:
         w = torch.where(nan_rows, torch.zeros((), dtype=w.dtype, device=w.device), w)
@@ -72,10 +88,7 @@ def prepare(X, sample_weight, k: int, nan_policy: str = "raise", dtype=None, dev
     if len(batch_shape) == 0 and bool(empty.any()):
         raise ValueError("sample_weight is zero everywhere; at least one point needs a positive weight")
     if len(batch_shape) == 0 and bool(insufficient.any()):
-        raise ValueError(
-            f"n_components={k} must be <= the number of positive-weight samples, n_samples={int(n_valid[0])}; "
-            "reduce n_components or provide more data"
-        )
+        raise _too_few_points(k, int(n_valid[0]))
     # Empty series are fitted on a harmless stand-in and reported EMPTY; the rest never notice.
     one, zero = torch.ones((), dtype=x.dtype, device=x.device), torch.zeros((), dtype=x.dtype, device=x.device)
     w = torch.where(empty.unsqueeze(-1), one, w)

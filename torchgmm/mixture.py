@@ -311,9 +311,9 @@ class GaussianMixture(GaussianAttributes, nn.Module):
         settings = {name: value for name, value in locals().items() if name not in ("self", "__class__", "batch_shape")}
         super().__init__()
         # The settings as plain attributes in one update: nn.Module.__setattr__ per setting costs
-        # microseconds each (it registers Parameters, Modules and Buffers; a value of those kinds
-        # still goes through it).
-        special = {name for name, value in settings.items() if isinstance(value, (nn.Parameter, nn.Module, nn.Buffer))}
+        # microseconds each (it registers Parameters, Modules and Buffers; tensors and modules
+        # still go through it).
+        special = {name for name, value in settings.items() if isinstance(value, (Tensor, nn.Module))}
         self.__dict__.update({name: value for name, value in settings.items() if name not in special})
         for name in special:
             setattr(self, name, settings[name])
