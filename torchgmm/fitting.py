@@ -102,12 +102,14 @@ def _scale(data: _Data, reg_covar: float, use_compile: bool, warn: bool, stackle
     x = data.x
     xs, shift, scale, reg = (compiled(standardize) if use_compile else standardize)(x, data.w, reg_covar)
     too_big = scale.square() > torch.finfo(x.dtype).max / 16
+    floored = (scale <= math.sqrt(reg_covar)) & ~data.empty if reg_covar > 0 else torch.zeros_like(data.empty)
+    if not bool((too_big | floored).any()):  # (one synchronization for both checks)
+        return xs, Scaling(shift, scale), reg
     if bool(too_big.any()):
         raise ValueError(
             f"X has a spread of {float(scale.max()):.3g}{_first(too_big, data.batch_shape)}, whose variance overflows "
             f"{x.dtype}; rescale the data" + (" or pass float64 (e.g. X.double())" if x.dtype != torch.float64 else "")
         )
-    floored = (scale <= math.sqrt(reg_covar)) & ~data.empty if reg_covar > 0 else torch.zeros_like(data.empty)
     if warn and bool(floored.any()):
         warnings.warn(
             f"reg_covar={reg_covar:g} is larger than the data variance of {int(floored.sum())} series"

@@ -114,19 +114,25 @@ def _squared_distances(x: Tensor, c: Tensor) -> Tensor:
     return torch.where(d2 <= noise, torch.zeros((), dtype=x.dtype, device=x.device), d2)
 
 
-def _seed_step(x: Tensor, base: Tensor, d2: Tensor, u: Tensor, d2_weighting: bool):
+def _seed_step(x: Tensor, base: Tensor, d2: Optional[Tensor], u: Tensor, d2_weighting: bool):
     """Draw the next seed for every restart: ``(seed (B, R, D), d2 (B, R, N), has_new (B, R))``.
 
-    ``base (B, R, N)`` point weights, ``d2 (B, R, N)`` squared distance to the nearest seed so far,
+    ``base (B, R, N)`` point weights, ``d2 (B, R, N)`` squared distance to the nearest seed so far
+    (None before the first seed: every point new, at infinite distance; ``has_new`` is then None),
     ``u (R, L)`` uniforms for ``L`` candidates; the candidate that lowers the potential
     ``sum_n base_n d2_n`` most is kept (greedy k-means++).
     """
-    prob = base * (d2 if d2_weighting else (d2 > 0).to(base.dtype))
-    has_new = prob.sum(-1) > 0
-    prob = torch.where(has_new.unsqueeze(-1), prob, base)
+    if d2 is None:
+        prob, has_new = base, None
+    else:
+        prob = base * (d2 if d2_weighting else (d2 > 0).to(base.dtype))
+        has_new = prob.sum(-1) > 0
+        prob = torch.where(has_new.unsqueeze(-1), prob, base)
     idx = _draw_index(prob.unsqueeze(-2), u.unsqueeze(-1))  # (B, R, L)
     cand = _gather_points(x, idx)  # (B, R, L, D)
-    cand_d2 = torch.minimum(d2.unsqueeze(-2), _squared_distances(x, cand))  # (B, R, L, N)
+    cand_d2 = _squared_distances(x, cand)  # (B, R, L, N)
+    if d2 is not None:
+        cand_d2 = torch.minimum(d2.unsqueeze(-2), cand_d2)
     if cand.shape[2] == 1:  # one candidate: it is the seed
         return cand.squeeze(2), cand_d2.squeeze(2), has_new
     best = (cand_d2 * base.unsqueeze(-2)).sum(-1).argmin(-1, keepdim=True).unsqueeze(-1)  # (B, R, 1, 1)
@@ -157,8 +163,7 @@ def _seed_points(x: Tensor, w: Tensor, n_components: int, n_init: int, gen, *, d
     base = w.unsqueeze(1).expand(-1, n_init, -1)  # (B, R, N)
     step = compiled(_seed_step) if compile else _seed_step
     # The first seed: drawn by weight alone (every point "new", at infinite distance), one candidate.
-    d2 = torch.full_like(base, torch.inf)
-    seed, d2, _ = step(x, base, d2, u[0, :, :1], False)
+    seed, d2, _ = step(x, base, None, u[0, :, :1], False)
     seeds = [seed]
     distinct_ok = torch.ones(base.shape[:2], dtype=torch.bool, device=x.device)
     for k in range(1, n_components):  # sequential by nature; vectorized over series and restarts
