@@ -280,11 +280,10 @@ class Full(Covariance):
         n = _matrix_dims(nk)
         centred = self._centred(n, shift, scatter)
         denominator = n if count is None else _matrix_dims(count)
-        reg = _diag_matrix(reg_covar.unsqueeze(-1), centred)
         if centred.shape[-1] == 1:  # (a 1 x 1 matrix is symmetric)
-            return torch.addcdiv(reg, centred, denominator)
+            return torch.addcdiv(reg_covar.view(reg_covar.shape + (1, 1, 1)), centred, denominator)
         cov = centred / denominator
-        return 0.5 * (cov + cov.mT) + reg
+        return 0.5 * (cov + cov.mT) + _diag_matrix(reg_covar.unsqueeze(-1), cov)
 
     def valid_precision(self, precision):
         symmetric = torch.allclose(precision, precision.mT, rtol=1e-5, atol=1e-8)

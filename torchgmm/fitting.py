@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import warnings
 from typing import NamedTuple, Optional
@@ -369,14 +368,16 @@ def fit(
 
             prior_s = make_prior(prior, xs, data.w, k, cov, shift=scaling.shift, scale=scaling.scale)
         members = Members(xs, data.w, reg, prior_s, init.means.shape[1])
-        general = method.rule(cov, tol, chunk_size=plan.chunk_size, compile=plan.compile, block_members=plan.block_members)
+        def general():
+            return method.rule(cov, tol, chunk_size=plan.chunk_size, compile=plan.compile, block_members=plan.block_members)
+
         lean = _lean_univariate(d, n_series * init.means.shape[1] * n * k, method, prior_s)
-        rule = UnivariateEMRule(cov) if lean else general
+        rule = UnivariateEMRule(cov) if lean else general()
         with torch.no_grad():
             run = run_members(members, init, rule, tol, max_iter, reference=reference, catch_interrupt=catch_interrupt,
                               progress=progress, **method.loop_options())
             if lean and rule.tripped():  # a guard fired: the general rule, which handles it, from the same start
-                run = run_members(members, init, general, tol, max_iter, reference=reference,
+                run = run_members(members, init, general(), tol, max_iter, reference=reference,
                                   catch_interrupt=catch_interrupt, progress=progress, **method.loop_options())
         n_restarts = init.means.shape[1]
         crit = None if candidates is None else _candidate_criteria(run, xs, data, candidates, n_restarts, cov, scaling,
@@ -412,4 +413,4 @@ def _outside_inference_mode(result: FitResult) -> FitResult:
         return value.map(lambda t: t.clone()) if isinstance(value, GMMParams) else value
 
     with torch.inference_mode(False):
-        return FitResult(**{f.name: normal(getattr(result, f.name)) for f in dataclasses.fields(result)})
+        return FitResult(**{name: normal(value) for name, value in vars(result).items()})

@@ -330,8 +330,10 @@ def run_members(
             else:
                 converges = s.converged
             still = good & ~converges  # active after this iteration
-            n_still = int(still.sum())
-            if everyone and n_still == n_active:
+            # (one synchronization: whether every member goes on, else how many)
+            nobody_stopped = everyone and bool(still if n_working == 1 else still.all())
+            n_still = n_active if nobody_stopped else int(still.sum())
+            if nobody_stopped:
                 # Nobody stopped: every member was good and goes on (no failure, no convergence):
                 # the new states as they are, the bookkeeping without masks.
                 spent = track.spent + (1.0 if s.passes is None else s.passes)
