@@ -47,6 +47,7 @@ class _Data(NamedTuple):
     n_valid: Tensor  # (B,) positive-weight points
     empty: Tensor  # (B,) no positive weight: fitted on a stand-in, reported EMPTY
     insufficient: Tensor  # (B,) fewer points than components
+    unit_weights: bool = False  # every weight is 1: no padding, no empty series
 
 
 def _first(mask: Tensor, batch_shape) -> str:
@@ -75,7 +76,7 @@ def prepare(X, sample_weight, k: int, nan_policy: str = "raise", dtype=None, dev
         factory = dict(device=x.device)
         return _Data(x, torch.ones(x.shape[:2], dtype=x.dtype, **factory), batch_shape,
                      torch.full((x.shape[0],), n, **factory), torch.zeros(x.shape[0], dtype=torch.bool, **factory),
-                     torch.full((x.shape[0],), n < k, **factory))
+                     torch.full((x.shape[0],), n < k, **factory), unit_weights=True)
     w = validation.as_sample_weight(sample_weight, x)
     if nan_rows is not None:
         w = torch.where(nan_rows, torch.zeros((), dtype=w.dtype, device=w.device), w)
@@ -99,9 +100,13 @@ def prepare(X, sample_weight, k: int, nan_policy: str = "raise", dtype=None, dev
 def _scale(data: _Data, reg_covar: float, use_compile: bool, warn: bool, stacklevel: int):
     """Standardize; refuse a spread whose variance overflows; warn where reg_covar dominates."""
     x = data.x
-    xs, shift, scale, reg = (compiled(standardize) if use_compile else standardize)(x, data.w, reg_covar)
+    xs, shift, scale, reg = (compiled(standardize) if use_compile else standardize)(x, data.w, reg_covar, data.unit_weights)
     too_big = scale.square() > torch.finfo(x.dtype).max / 16
-    floored = (scale <= math.sqrt(reg_covar)) & ~data.empty if reg_covar > 0 else torch.zeros_like(data.empty)
+    if reg_covar <= 0:
+        floored = torch.zeros_like(data.empty)
+    else:
+        floored = scale <= math.sqrt(reg_covar)
+        floored = floored if data.unit_weights else floored & ~data.empty
     if not bool((too_big | floored).any()):  # (one synchronization for both checks)
         return xs, Scaling(shift, scale), reg
     if bool(too_big.any()):

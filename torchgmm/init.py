@@ -200,7 +200,7 @@ def _kmeans_assign_univariate(x: Tensor, w: Tensor, centers: Tensor, features: O
     c = centers.view(b, 1, r, k).transpose(-1, -2)  # (B, 1, K, R)
     d2 = c.square() + x_col * (-2 * c)  # (B, N, K, R); |x|^2 omitted
     labels = d2.argmin(-2)  # (B, N, R)
-    onehot = (labels.unsqueeze(-2) == ks).to(x.dtype) * w_cells  # (B, N, K, R)
+    onehot = torch.where(labels.unsqueeze(-2) == ks, w_cells, 0.0)  # (B, N, K, R): weighted
     moments = product(feats_t, onehot.view(b, n, k * r)).view(b, 2, k, r).permute(0, 3, 2, 1)  # (B, R, K, 2)
     return labels.transpose(1, 2), moments[..., 1:], moments[..., :1]
 

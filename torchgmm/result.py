@@ -133,7 +133,8 @@ class FitResult:
         flags = torch.stack([~converged, degenerate_best.any(-1), failed_best, insufficient, empty], -1)
         codes = _STATUS_CODES if _STATUS_CODES.device == lb.device else _STATUS_CODES.to(lb.device)
         status = (flags * codes).amax(-1)
-        lower_bound = torch.where(empty, -torch.inf, scaling.log_lik_to_data(pick(run.lower_bound), d))
+        restart_lower_bounds = scaling.log_lik_to_data(lb, d)  # (B, R)
+        lower_bound = torch.where(empty, -torch.inf, pick(restart_lower_bounds.reshape(-1)))
         history = torch.where(empty.unsqueeze(-1), torch.nan, scaling.log_lik_to_data(pick(run.history), d))
 
         def unflatten(t):
@@ -150,7 +151,7 @@ class FitResult:
             status=unflatten(status),
             degenerate_components=unflatten(degenerate_best),
             n_samples=unflatten(n_valid),
-            restart_lower_bounds=unflatten(scaling.log_lik_to_data(lb, d)),
+            restart_lower_bounds=unflatten(restart_lower_bounds),
             restart_degenerate=unflatten(degenerate.any(-1) & present),
             best_restart=unflatten(best),
             elapsed=run.elapsed,
