@@ -177,6 +177,12 @@ def _initialize(xs, data: _Data, k, n_init, init_params, cov, reg, random_state,
     return init._replace(**{name: t.unsqueeze(1).expand_as(getattr(init, name)) for name, t in given.items()})
 
 
+# Point-components (series x restarts x N x K x D) below which a fit runs on one intra-op thread:
+# none of its kernels reaches torch's parallel grain (32768 elements), while a second thread still
+# costs at every BLAS call and in some element-wise kernels (150 elements: bmm 1.0 -> 2.4 us, exp
+# 0.9 -> 1.7 us with two threads).
+SERIAL_WORK = 1 << 15
+
 # Point-components (members x N x K) up to which univariate EM runs its lean rule
 # (``em.UnivariateEMRule``): per-call overhead dominates there, and the temporaries stay in cache.
 FUSED_MAX_WORK = 1 << 16
@@ -344,7 +350,8 @@ def fit(
     # EM and SQUAREM need no autograd: inference mode dispatches each operation faster (a 50-point
     # fit 4.5 -> 3.5 ms); the result leaves it as normal tensors (_outside_inference_mode).
     inference = method.name != "gradient"
-    with threads(intra_op_threads(float(n_series) * n_restarts * n * k * d, dev)), \
+    work = float(n_series) * n_restarts * n * k * d
+    with threads(1 if work < SERIAL_WORK else intra_op_threads(work, dev)), \
             (torch.inference_mode() if inference else contextlib.nullcontext()):
         xs, scaling, reg = _scale(data, reg_covar, plan.compile, warn, stacklevel=2)
         check_memory(n_series * n_init, k, d, cov, itemsize, dev)
