@@ -163,7 +163,7 @@ def _initialize(xs, data: _Data, k, n_init, init_params, cov, reg, random_state,
                                     compile=plan.compile, chunk_size=plan.init_chunk))
         inits, distincts = zip(*parts)
         init, distinct = GMMParams(*(torch.cat(ts) for ts in zip(*inits))), torch.cat(distincts)
-    short = ~distinct.all(-1) & ~data.empty
+    short = ~distinct.all(-1) if data.unit_weights else ~distinct.all(-1) & ~data.empty
     if warn and bool(short.any()):
         warnings.warn(
             f"{int(short.sum())} series have fewer distinct points than n_components={k}"

@@ -191,15 +191,15 @@ def _univariate_features(x: Tensor, w: Tensor, n_components: int) -> tuple[Tenso
 
 def _kmeans_assign_univariate(x: Tensor, w: Tensor, centers: Tensor, features: Optional[tuple] = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`kmeans_assign` for ``D = 1`` (eager) in a few large kernels: the distances of all
-    restarts at once, ``c^2 - 2 c x`` with columns ``(K, R)``, the nearest center their ``argmin``
+    restarts at once, ``c^2 - 2 c x`` with columns ``(R, K)``, the nearest center their ``argmin``
     over K (ties: the first), and the cells' counts and sums one product of ``[1, x]`` with the
     weighted one-hot labels. ``features``: :func:`_univariate_features` of the points."""
     b, r, k = centers.shape[0], centers.shape[1], centers.shape[2]
     n = x.shape[-2]
     x_col, feats_t, w_cells, ks = _univariate_features(x, w, k) if features is None else features
-    c = centers.view(b, 1, r, k).transpose(-1, -2)  # (B, 1, K, R)
-    d2 = c.square() + x_col * (-2 * c)  # (B, N, K, R); |x|^2 omitted
-    labels = d2.argmin(-2)  # (B, N, R)
+    c = centers.view(b, 1, r, k)  # (B, 1, R, K)
+    d2 = c.square() + x_col * (-2 * c)  # (B, N, R, K); |x|^2 omitted
+    labels = d2.argmin(-1)  # (B, N, R)
     onehot = torch.where(labels.unsqueeze(-2) == ks, w_cells, 0.0)  # (B, N, K, R): weighted
     moments = product(feats_t, onehot.view(b, n, k * r)).view(b, 2, k, r).permute(0, 3, 2, 1)  # (B, R, K, 2)
     return labels.transpose(1, 2), moments[..., 1:], moments[..., :1]
