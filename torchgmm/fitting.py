@@ -380,6 +380,7 @@ def fit(
 
             prior_s = make_prior(prior, xs, data.w, k, cov, shift=scaling.shift, scale=scaling.scale)
         members = Members(xs, data.w, reg, prior_s, init.means.shape[1])
+
         def general():
             return method.rule(cov, tol, chunk_size=plan.chunk_size, compile=plan.compile, block_members=plan.block_members)
 
