@@ -135,7 +135,7 @@ def test_univariate_quadratic_equals_the_general_coefficients():
         log_w = torch.log_softmax(torch.randn(b, 1, k, generator=gen, dtype=torch.float64), -1)
         prec_chol, _ = cov.prec_chol_from_covariance(var.reshape(b, 1, *cov.covariance_shape(k, 1)), torch.zeros(b, 1, dtype=torch.float64))
         params = GMMParams(log_w, mu.unsqueeze(-1), prec_chol)
-        coef = torch.stack(torch.broadcast_tensors(*univariate_quadratic(log_w, mu, var)), -1)
+        coef = torch.stack(torch.broadcast_tensors(*univariate_quadratic(log_w, mu, var.reciprocal())), -1)
         torch.testing.assert_close(coef, univariate_coefficients(params, cov), rtol=1e-12, atol=1e-12)
 
 

@@ -70,9 +70,10 @@ def cholesky_with_jitter(matrix: Tensor, jitter: Tensor) -> tuple[Tensor, Tensor
 
 def _prec_chol_from_cov_matrix(cov: Tensor, jitter: Tensor) -> tuple[Tensor, Tensor]:
     """Upper-triangular U with ``U U^T = cov^-1`` for ``cov (..., D, D)``; and the ok mask."""
+    if cov.shape[-1] == 1:  # univariate: 1 / sqrt, as cholesky_with_jitter's square root (no jitter needed)
+        positive = cov > 0
+        return torch.where(positive, cov, 1.0).rsqrt(), positive.view(positive.shape[:-2])
     chol, ok = cholesky_with_jitter(cov, jitter)
-    if cov.shape[-1] == 1:
-        return chol.reciprocal(), ok
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
     inv_chol = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
     return inv_chol.mT, ok
@@ -96,12 +97,16 @@ def _strict_upper(matrix: Tensor) -> Tensor:
 
 def _triu_to_unconstrained(prec_chol: Tensor) -> Tensor:
     """Upper-triangular factor with positive diagonal -> same matrix with ``log`` diagonal."""
+    if prec_chol.shape[-1] == 1:  # 1 x 1: the diagonal alone
+        return prec_chol.log()
     diag = torch.diagonal(prec_chol, dim1=-2, dim2=-1)
     return _strict_upper(prec_chol) + torch.diag_embed(torch.log(diag))
 
 
 def _triu_from_unconstrained(raw: Tensor) -> Tensor:
     """Inverse of :func:`_triu_to_unconstrained`; entries below the diagonal are ignored."""
+    if raw.shape[-1] == 1:  # 1 x 1: the diagonal alone
+        return raw.exp()
     diag = torch.diagonal(raw, dim1=-2, dim2=-1)
     return _strict_upper(raw) + torch.diag_embed(torch.exp(diag))
 
@@ -265,16 +270,20 @@ class Full(Covariance):
         return matmul((diff * resp.unsqueeze(-1)).mT, diff)  # (*B, K, D, D)
 
     def univariate_scatter(self, sum_sq):
-        return sum_sq[..., None, None]
+        return _matrix_dims(sum_sq)
 
-    def _centred(self, nk, shift, scatter):
-        return scatter - nk[..., None, None] * shift.unsqueeze(-1) * shift.unsqueeze(-2)  # (*B, K, D, D)
+    def _centred(self, n, shift, scatter):
+        """The scatter about the new means, ``scatter - n shift shift^T``, for counts ``n (*B, K, 1, 1)``."""
+        return torch.addcmul(scatter, n * shift.unsqueeze(-1), shift.unsqueeze(-2), value=-1)  # (*B, K, D, D)
 
     def covariance(self, nk, shift, scatter, reg_covar, count=None):
-        cov = self._centred(nk, shift, scatter) / (nk if count is None else count)[..., None, None]
-        if cov.shape[-1] > 1:  # (a 1 x 1 matrix is symmetric)
-            cov = 0.5 * (cov + cov.mT)
-        return cov + _diag_matrix(reg_covar[..., None], cov)
+        n = _matrix_dims(nk)
+        centred = self._centred(n, shift, scatter)
+        denominator = n if count is None else _matrix_dims(count)
+        if centred.shape[-1] == 1:  # (a 1 x 1 matrix is symmetric)
+            return torch.addcdiv(reg_covar.view(reg_covar.shape + (1, 1, 1)), centred, denominator)
+        cov = centred / denominator
+        return 0.5 * (cov + cov.mT) + _diag_matrix(reg_covar.unsqueeze(-1), cov)
 
     def valid_precision(self, precision):
         symmetric = torch.allclose(precision, precision.mT, rtol=1e-5, atol=1e-8)
@@ -296,13 +305,16 @@ class Full(Covariance):
         return dof + n_features + 2
 
     def prec_chol_from_covariance(self, cov, reg_covar):
-        prec_chol, ok = _prec_chol_from_cov_matrix(cov, reg_covar[..., None])
+        jitter = reg_covar[..., None] if cov.shape[-1] > 1 else reg_covar  # (a 1 x 1 factor takes none)
+        prec_chol, ok = _prec_chol_from_cov_matrix(cov, jitter)
         return prec_chol, ok.all(-1)
 
     def covariance_from_prec_chol(self, prec_chol):
         return _cov_from_prec_chol_matrix(prec_chol)
 
     def precision_from_prec_chol(self, prec_chol):
+        if prec_chol.shape[-1] == 1:  # univariate: a square, not a product of 1 x 1 matrices
+            return prec_chol.square()
         return prec_chol @ prec_chol.mT
 
     def prec_chol_from_precision(self, precision):
@@ -345,7 +357,7 @@ class Tied(Full):
         return prec_chol.unsqueeze(-3).expand(*prec_chol.shape[:-2], n_components, *prec_chol.shape[-2:])
 
     def covariance(self, nk, shift, scatter, reg_covar, count=None):
-        cov = self._centred(nk, shift, scatter).sum(-3) / (nk if count is None else count).sum(-1)[..., None, None]
+        cov = self._centred(_matrix_dims(nk), shift, scatter).sum(-3) / _matrix_dims((nk if count is None else count).sum(-1))
         cov = 0.5 * (cov + cov.mT)
         return cov + _diag_matrix(reg_covar, cov)
 
@@ -400,8 +412,9 @@ class Diag(Covariance):
         return sum_sq[..., None]
 
     def covariance(self, nk, shift, scatter, reg_covar, count=None):
-        var = (scatter - nk[..., None] * shift.square()).clamp_min(0.0) / (nk if count is None else count)[..., None]
-        return var + reg_covar[..., None, None]
+        n = nk.unsqueeze(-1)
+        var = (scatter - n * shift.square()).clamp_min(0.0) / (n if count is None else count.unsqueeze(-1))
+        return var + _matrix_dims(reg_covar)
 
     def prior_scale_shape(self, n_features):
         return (n_features,)
@@ -416,8 +429,8 @@ class Diag(Covariance):
         return dof + 3
 
     def prec_chol_from_covariance(self, cov, reg_covar):
-        ok = (cov > 0).flatten(-2).all(-1)
-        return torch.rsqrt(torch.where(cov > 0, cov, torch.ones_like(cov))), ok
+        positive = cov > 0
+        return torch.rsqrt(torch.where(positive, cov, 1.0)), positive.flatten(-2).all(-1)
 
     def covariance_from_prec_chol(self, prec_chol):
         return prec_chol.square().reciprocal()
@@ -471,8 +484,8 @@ class Spherical(Diag):
         return values.unsqueeze(-1).expand(*values.shape, n_features)
 
     def prec_chol_from_covariance(self, cov, reg_covar):
-        ok = (cov > 0).all(-1)
-        return torch.rsqrt(torch.where(cov > 0, cov, torch.ones_like(cov))), ok
+        positive = cov > 0
+        return torch.rsqrt(torch.where(positive, cov, 1.0)), positive.all(-1)
 
     def full_covariance(self, prec_chol, n_components, n_features):
         var = self.covariance_from_prec_chol(prec_chol)[..., None].expand(*prec_chol.shape, n_features)
@@ -482,10 +495,15 @@ class Spherical(Diag):
         return cov
 
 
+def _matrix_dims(t: Tensor) -> Tensor:
+    """``t (...)`` as ``(..., 1, 1)`` (one view), to broadcast against matrices."""
+    return t.reshape(t.shape + (1, 1))
+
+
 def _diag_matrix(values: Tensor, like: Tensor) -> Tensor:
     """``values (...)`` on the diagonal of a matrix shaped like ``like (..., D, D)``."""
     if like.shape[-1] == 1:
-        return values[..., None, None]
+        return _matrix_dims(values)
     eye = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device)
     return values[..., None, None] * eye
 

@@ -104,17 +104,16 @@ def _quadratic(peak: Tensor, mu: Tensor, half_q: Tensor) -> tuple[Tensor, Tensor
     return peak - half_q * mu.square(), 2 * half_q * mu, -half_q
 
 
-def univariate_quadratic(log_weights: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`univariate_coefficients` from plain per-component tensors, each ``(*B, K)`` (the
-    variances of a tied model may be ``(*B, 1)``): ``(c0, c1, c2)``. The same terms (for
-    ``D = 1`` every covariance type's ``log det U`` is ``-log(var) / 2`` and its Mahalanobis term of
-    a unit difference ``q = 1 / var``): ``c0 = log w - (log var + q mu^2) / 2 - log(2 pi) / 2``,
-    ``c1 = q mu``, ``c2 = -q / 2``, in seven small operations, for the lean univariate EM rule
-    (``em.UnivariateEMRule``); tested equal to :func:`univariate_coefficients`."""
-    q = variances.reciprocal()
-    c1 = q * means
-    c0 = torch.add(log_weights, torch.addcmul(variances.log(), c1, means), alpha=-0.5).sub_(0.5 * LOG_2PI)
-    return c0, c1, -0.5 * q
+def univariate_quadratic(log_weights: Tensor, means: Tensor, precisions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`univariate_coefficients` from plain per-component tensors of one shape (e.g.
+    ``(*B, K)``; the precisions of a tied model may have 1 in place of ``K``): ``(c0, c1, c2)``.
+    The same terms (for ``D = 1`` every covariance type's ``log det U`` is ``log(q) / 2`` and its
+    Mahalanobis term of a unit difference the precision ``q``): ``c0 = log w + (log q - q mu^2) / 2
+    - log(2 pi) / 2``, ``c1 = q mu``, ``c2 = -q / 2``, in six small operations, for the lean
+    univariate EM rule (``em.UnivariateEMRule``); tested equal to :func:`univariate_coefficients`."""
+    c1 = precisions * means
+    c0 = torch.add(log_weights, torch.addcmul(precisions.log(), c1, means, value=-1), alpha=0.5).sub_(0.5 * LOG_2PI)
+    return c0, c1, -0.5 * precisions
 
 
 def component_log_prob(x: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Tensor:

@@ -124,31 +124,38 @@ class UnivariateEMRule:
     responsibilities, their moments against the weighted ``[1, x, x^2]`` (one product), the shifted
     statistics about the current means, and :func:`torchgmm.stats.m_step`. No synchronization: the
     guards :class:`EMRule`'s statistics apply at every iteration (a point where every component
-    underflows, float32's expansion limit, a non-finite value) are accumulated in a flag, and
+    underflows, float32's expansion limit, a non-finite value) are kept per iteration, and
     :meth:`tripped` tells after the run whether any fired; the caller then runs :class:`EMRule`
     from the same start (same numbers otherwise, to rounding: tested)."""
 
     def __init__(self, covariance_type: str | Covariance):
         self.cov = get_covariance(covariance_type)
-        self._tripped: Optional[Tensor] = None
+        self._guards: list = []  # per iteration: the smallest point sum, the values, float32's expansion flag
         self._masked = False  # some component has weight exactly 0 (model selection's padding)
-        self._feats: tuple = (None, None)  # (the batch's x, its weighted [1, x, x^2]): constant per batch
+        self._feats: tuple = (None,) * 4  # the batch's x, x (*L', 1, N), weighted [1, x, x^2] (*L', N, 3), w / w_total
 
     def tripped(self) -> bool:
         """Whether a guard fired during the run (one synchronization)."""
-        return self._tripped is not None and bool(self._tripped)
+        if not self._guards:
+            return False
+        lows, values, unsafe = zip(*self._guards)
+        fired = (torch.stack(lows) < underflow_floor(values[0].dtype)).any() | ~torch.isfinite(torch.cat(values)).all()
+        if unsafe[0] is not None:
+            fired = fired | torch.stack(unsafe).any()
+        return bool(fired)
 
     def start(self, batch: Batch, params: GMMParams) -> Start:
-        self._tripped = torch.zeros((), dtype=torch.bool, device=params.means.device)
+        self._guards = []
         self._masked = bool(torch.isneginf(params.log_weights).any())
         return Start(params)
 
-    def _weighted_features(self, batch: Batch) -> Tensor:
-        """``[w, w x, w x^2]`` of the batch's points, ``(*L', 3, N)``, computed once per batch."""
+    def _features(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """The batch's points as a row ``(*L', 1, N)``, their weighted ``[w, w x, w x^2]``
+        ``(*L', N, 3)`` and their weights in units of the total ``(*L', N)``, computed once per batch."""
         if self._feats[0] is not batch.x:
-            x, w = batch.x.squeeze(-1), batch.w
-            self._feats = (batch.x, torch.stack([w, w * x, w * x.square()], -2))
-        return self._feats[1]
+            x, w = batch.x, batch.w.unsqueeze(-1)  # (*L', N, 1) each
+            self._feats = (batch.x, x.mT, torch.cat([w, w * x, w * x.square()], -1), batch.w / batch.w_total.unsqueeze(-1))
+        return self._feats[1:]
 
     def params(self, state: GMMParams) -> GMMParams:
         return state
@@ -158,23 +165,23 @@ class UnivariateEMRule:
 
     def step(self, batch: Batch, state: GMMParams, active: Tensor) -> Step:
         p = batch.shaped(state)
-        k = p.means.shape[-2]
-        mu = p.means.squeeze(-1)  # (*L, K)
-        var = self.cov.covariance_from_prec_chol(p.prec_chol).reshape(*batch.lead, -1)  # (*L, K); tied (*L, 1)
-        c0, c1, c2 = univariate_quadratic(p.log_weights, mu, var)
-        x, w = batch.x, batch.w  # (*L', N, 1), (*L', N)
-        e = exp_normal(torch.addcmul(c0.unsqueeze(-2), x, torch.addcmul(c1.unsqueeze(-2), x, c2.unsqueeze(-2))), True)  # (*L, N, K)
-        s = e.sum(-1)  # (*L, N)
-        value = (w * s.log()).sum(-1) / batch.w_total  # (*L): mean log-likelihood before the update
-        e.div_(s.unsqueeze(-1))  # responsibilities
-        s0, s1, s2 = (self._weighted_features(batch) @ e).unbind(-2)  # (*L, K) each: sums of r, r x, r x^2
-        sum_diff = s1 - s0 * mu  # about the current means
-        centred = s2 - mu * (s1 + sum_diff)  # sum r (x - mu)^2
-        stats = Stats(s0, sum_diff.unsqueeze(-1), self.cov.univariate_scatter(centred), value)
+        mu = p.means  # (*L, K, 1)
+        q = self.cov.precision_from_prec_chol(p.prec_chol).reshape(mu.shape[:-2] + (-1, 1))  # (*L, K, 1); tied (*L, 1, 1)
+        c0, c1, c2 = univariate_quadratic(p.log_weights.unsqueeze(-1), mu, q)  # (*L, K, 1) each
+        x, feats, w_share = self._features(batch)  # (*L', 1, N), (*L', N, 3), (*L', N)
+        e = exp_normal(torch.addcmul(c0, x, torch.addcmul(c1, x, c2)), True)  # (*L, K, N)
+        s = e.sum(-2)  # (*L, N)
+        value = (w_share * s.log()).sum(-1)  # (*L): mean log-likelihood before the update
+        e.div_(s.unsqueeze(-2))  # responsibilities
+        moments = torch.bmm(e, feats) if e.dim() == 3 else e @ feats  # (*L, K, 3): sums of r, r x, r x^2
+        s0, s1, s2 = moments.split_with_sizes((1, 1, 1), -1)  # (*L, K, 1) each
+        sum_diff = torch.addcmul(s1, s0, mu, value=-1)  # about the current means
+        centred = torch.addcmul(s2, mu, s1 + sum_diff, value=-1)  # sum r (x - mu)^2
+        stats = Stats(s0.squeeze(-1), sum_diff, self.cov.univariate_scatter(centred.squeeze(-1)), value)
         new, ok = m_step(stats, p.means, self.cov, batch.reg)
         if self._masked:  # a component of weight exactly 0 stays at 0, as in em_step
             new = new._replace(log_weights=torch.where(torch.isneginf(p.log_weights), p.log_weights, new.log_weights))
-        low = s.amin() < underflow_floor(x.dtype)
-        unsafe = expansion_unsafe(c2, mu).any() if x.dtype != torch.float64 else low
-        self._tripped = self._tripped | low | unsafe | ~torch.isfinite(value).all()
-        return Step(batch.flat(new), value.reshape(-1), ok.reshape(-1))
+        new, value, ok = batch.flat((new, value, ok))
+        unsafe = expansion_unsafe(c2, mu).any() if x.dtype != torch.float64 else None
+        self._guards.append((s.amin(), value, unsafe))
+        return Step(new, value, ok)

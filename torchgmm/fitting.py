@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import warnings
 from typing import NamedTuple, Optional
@@ -48,6 +47,7 @@ class _Data(NamedTuple):
     n_valid: Tensor  # (B,) positive-weight points
     empty: Tensor  # (B,) no positive weight: fitted on a stand-in, reported EMPTY
     insufficient: Tensor  # (B,) fewer points than components
+    unit_weights: bool = False  # every weight is 1: no padding, no empty series
 
 
 def _first(mask: Tensor, batch_shape) -> str:
@@ -58,9 +58,25 @@ def _first(mask: Tensor, batch_shape) -> str:
     return f" (first: series {first})"
 
 
+def _too_few_points(k: int, n_valid: int) -> ValueError:
+    return ValueError(
+        f"n_components={k} must be <= the number of positive-weight samples, n_samples={n_valid}; "
+        "reduce n_components or provide more data"
+    )
+
+
 def prepare(X, sample_weight, k: int, nan_policy: str = "raise", dtype=None, device=None, n_features=None) -> _Data:
     """Validated data with the batch flattened, in units of points (see :class:`_Data`)."""
     x, nan_rows = validation.as_data(X, dtype=dtype, device=device, n_features=n_features, nan_policy=nan_policy, min_samples=2)
+    if sample_weight is None and nan_rows is None:  # every point with weight 1: the counts need no pass
+        batch_shape, (n, d) = x.shape[:-2], x.shape[-2:]
+        if len(batch_shape) == 0 and n < k:
+            raise _too_few_points(k, n)
+        x = x.reshape(-1, n, d)
+        factory = dict(device=x.device)
+        return _Data(x, torch.ones(x.shape[:2], dtype=x.dtype, **factory), batch_shape,
+                     torch.full((x.shape[0],), n, **factory), torch.zeros(x.shape[0], dtype=torch.bool, **factory),
+                     torch.full((x.shape[0],), n < k, **factory), unit_weights=True)
     w = validation.as_sample_weight(sample_weight, x)
     if nan_rows is not None:
         w = torch.where(nan_rows, torch.zeros((), dtype=w.dtype, device=w.device), w)
@@ -72,10 +88,7 @@ def prepare(X, sample_weight, k: int, nan_policy: str = "raise", dtype=None, dev
     if len(batch_shape) == 0 and bool(empty.any()):
         raise ValueError("sample_weight is zero everywhere; at least one point needs a positive weight")
     if len(batch_shape) == 0 and bool(insufficient.any()):
-        raise ValueError(
-            f"n_components={k} must be <= the number of positive-weight samples, n_samples={int(n_valid[0])}; "
-            "reduce n_components or provide more data"
-        )
+        raise _too_few_points(k, int(n_valid[0]))
     # Empty series are fitted on a harmless stand-in and reported EMPTY; the rest never notice.
     one, zero = torch.ones((), dtype=x.dtype, device=x.device), torch.zeros((), dtype=x.dtype, device=x.device)
     w = torch.where(empty.unsqueeze(-1), one, w)
@@ -87,14 +100,20 @@ def prepare(X, sample_weight, k: int, nan_policy: str = "raise", dtype=None, dev
 def _scale(data: _Data, reg_covar: float, use_compile: bool, warn: bool, stacklevel: int):
     """Standardize; refuse a spread whose variance overflows; warn where reg_covar dominates."""
     x = data.x
-    xs, shift, scale, reg = (compiled(standardize) if use_compile else standardize)(x, data.w, reg_covar)
+    xs, shift, scale, reg = (compiled(standardize) if use_compile else standardize)(x, data.w, reg_covar, data.unit_weights)
     too_big = scale.square() > torch.finfo(x.dtype).max / 16
+    if reg_covar <= 0:
+        floored = torch.zeros_like(data.empty)
+    else:
+        floored = scale <= math.sqrt(reg_covar)
+        floored = floored if data.unit_weights else floored & ~data.empty
+    if not bool((too_big | floored).any()):  # (one synchronization for both checks)
+        return xs, Scaling(shift, scale), reg
     if bool(too_big.any()):
         raise ValueError(
             f"X has a spread of {float(scale.max()):.3g}{_first(too_big, data.batch_shape)}, whose variance overflows "
             f"{x.dtype}; rescale the data" + (" or pass float64 (e.g. X.double())" if x.dtype != torch.float64 else "")
         )
-    floored = (scale <= math.sqrt(reg_covar)) & ~data.empty if reg_covar > 0 else torch.zeros_like(data.empty)
     if warn and bool(floored.any()):
         warnings.warn(
             f"reg_covar={reg_covar:g} is larger than the data variance of {int(floored.sum())} series"
@@ -131,15 +150,20 @@ def _initialize(xs, data: _Data, k, n_init, init_params, cov, reg, random_state,
     same generator state: the draws are shared by all series anyway, so a block gives what one
     call on the whole batch would), with the given parameters in place of the drawn ones."""
     gen = make_generator(random_state)
-    state, parts = gen.get_state(), []
     block = block_series(plan.init_block_series, xs.shape[0], xs.shape[-2], xs.shape[-1], n_init, init_params)
-    for part in even_slices(xs.shape[0], block):
-        gen.set_state(state)
-        parts.append(initialize(xs[part], data.w[part], k, n_init, init_params, cov, reg[part], gen,
-                                compile=plan.compile, chunk_size=plan.init_chunk))
-    inits, distinct = zip(*parts)
-    init = GMMParams(*(torch.cat(ts) for ts in zip(*inits)))
-    short = ~torch.cat(distinct).all(-1) & ~data.empty
+    blocks = even_slices(xs.shape[0], block)
+    if len(blocks) == 1:  # the whole batch at once: no state to rewind, nothing to join
+        init, distinct = initialize(xs, data.w, k, n_init, init_params, cov, reg, gen, compile=plan.compile,
+                                    chunk_size=plan.init_chunk)
+    else:
+        state, parts = gen.get_state(), []
+        for part in blocks:
+            gen.set_state(state)
+            parts.append(initialize(xs[part], data.w[part], k, n_init, init_params, cov, reg[part], gen,
+                                    compile=plan.compile, chunk_size=plan.init_chunk))
+        inits, distincts = zip(*parts)
+        init, distinct = GMMParams(*(torch.cat(ts) for ts in zip(*inits))), torch.cat(distincts)
+    short = ~distinct.all(-1) if data.unit_weights else ~distinct.all(-1) & ~data.empty
     if warn and bool(short.any()):
         warnings.warn(
             f"{int(short.sum())} series have fewer distinct points than n_components={k}"
@@ -148,8 +172,16 @@ def _initialize(xs, data: _Data, k, n_init, init_params, cov, reg, random_state,
             FitWarning,
             stacklevel=stacklevel + 1,
         )
+    if not given:
+        return init
     return init._replace(**{name: t.unsqueeze(1).expand_as(getattr(init, name)) for name, t in given.items()})
 
+
+# Point-components (series x restarts x N x K x D) below which a fit runs on one intra-op thread:
+# none of its kernels reaches torch's parallel grain (32768 elements), while a second thread still
+# costs at every BLAS call and in some element-wise kernels (150 elements: bmm 1.0 -> 2.4 us, exp
+# 0.9 -> 1.7 us with two threads).
+SERIAL_WORK = 1 << 15
 
 # Point-components (members x N x K) up to which univariate EM runs its lean rule
 # (``em.UnivariateEMRule``): per-call overhead dominates there, and the temporaries stay in cache.
@@ -318,7 +350,8 @@ def fit(
     # EM and SQUAREM need no autograd: inference mode dispatches each operation faster (a 50-point
     # fit 4.5 -> 3.5 ms); the result leaves it as normal tensors (_outside_inference_mode).
     inference = method.name != "gradient"
-    with threads(intra_op_threads(float(n_series) * n_restarts * n * k * d, dev)), \
+    work = float(n_series) * n_restarts * n * k * d
+    with threads(1 if work < SERIAL_WORK else intra_op_threads(work, dev)), \
             (torch.inference_mode() if inference else contextlib.nullcontext()):
         xs, scaling, reg = _scale(data, reg_covar, plan.compile, warn, stacklevel=2)
         check_memory(n_series * n_init, k, d, cov, itemsize, dev)
@@ -347,14 +380,17 @@ def fit(
 
             prior_s = make_prior(prior, xs, data.w, k, cov, shift=scaling.shift, scale=scaling.scale)
         members = Members(xs, data.w, reg, prior_s, init.means.shape[1])
-        general = method.rule(cov, tol, chunk_size=plan.chunk_size, compile=plan.compile, block_members=plan.block_members)
+
+        def general():
+            return method.rule(cov, tol, chunk_size=plan.chunk_size, compile=plan.compile, block_members=plan.block_members)
+
         lean = _lean_univariate(d, n_series * init.means.shape[1] * n * k, method, prior_s)
-        rule = UnivariateEMRule(cov) if lean else general
+        rule = UnivariateEMRule(cov) if lean else general()
         with torch.no_grad():
             run = run_members(members, init, rule, tol, max_iter, reference=reference, catch_interrupt=catch_interrupt,
                               progress=progress, **method.loop_options())
             if lean and rule.tripped():  # a guard fired: the general rule, which handles it, from the same start
-                run = run_members(members, init, general, tol, max_iter, reference=reference,
+                run = run_members(members, init, general(), tol, max_iter, reference=reference,
                                   catch_interrupt=catch_interrupt, progress=progress, **method.loop_options())
         n_restarts = init.means.shape[1]
         crit = None if candidates is None else _candidate_criteria(run, xs, data, candidates, n_restarts, cov, scaling,
@@ -390,4 +426,4 @@ def _outside_inference_mode(result: FitResult) -> FitResult:
         return value.map(lambda t: t.clone()) if isinstance(value, GMMParams) else value
 
     with torch.inference_mode(False):
-        return FitResult(**{f.name: normal(getattr(result, f.name)) for f in dataclasses.fields(result)})
+        return FitResult(**{name: normal(value) for name, value in vars(result).items()})

@@ -120,22 +120,30 @@ def greedy_trials(n_components: int) -> int:
     return 2 + int(math.log(n_components))
 
 
-def _seed_step(x: Tensor, base: Tensor, d2: Tensor, u: Tensor, d2_weighting: bool):
+def _seed_step(x: Tensor, base: Tensor, d2: Optional[Tensor], u: Tensor, d2_weighting: bool):
     """Draw the next seed for every restart: ``(seed (B, R, D), d2 (B, R, N), has_new (B, R))``.
 
-    ``base (B, R, N)`` point weights, ``d2 (B, R, N)`` squared distance to the nearest seed so far,
+    ``base (B, R, N)`` point weights, ``d2 (B, R, N)`` squared distance to the nearest seed so far
+    (None before the first seed: every point new, at infinite distance; ``has_new`` is then None),
     ``u (R, L)`` uniforms for ``L`` candidates; the candidate that lowers the potential
     ``sum_n base_n d2_n`` most is kept (greedy k-means++).
     """
-    prob = base * (d2 if d2_weighting else (d2 > 0).to(base.dtype))
-    has_new = prob.sum(-1) > 0
-    prob = torch.where(has_new.unsqueeze(-1), prob, base)
+    if d2 is None:
+        prob, has_new = base, None
+    else:
+        prob = base * (d2 if d2_weighting else (d2 > 0).to(base.dtype))
+        has_new = prob.sum(-1) > 0
+        prob = torch.where(has_new.unsqueeze(-1), prob, base)
     idx = _draw_index(prob.unsqueeze(-2), u.unsqueeze(-1))  # (B, R, L)
     cand = _gather_points(x, idx)  # (B, R, L, D)
-    cand_d2 = torch.minimum(d2.unsqueeze(-2), _squared_distances(x, cand))  # (B, R, L, N)
-    best = (cand_d2 * base.unsqueeze(-2)).sum(-1).argmin(-1, keepdim=True)  # (B, R, 1)
-    seed = torch.gather(cand, 2, best.unsqueeze(-1).expand(-1, -1, 1, cand.shape[-1])).squeeze(2)
-    d2 = torch.gather(cand_d2, 2, best.unsqueeze(-1).expand(-1, -1, 1, cand_d2.shape[-1])).squeeze(2)
+    cand_d2 = _squared_distances(x, cand)  # (B, R, L, N)
+    if d2 is not None:
+        cand_d2 = torch.minimum(d2.unsqueeze(-2), cand_d2)
+    if cand.shape[2] == 1:  # one candidate: it is the seed
+        return cand.squeeze(2), cand_d2.squeeze(2), has_new
+    best = (cand_d2 * base.unsqueeze(-2)).sum(-1).argmin(-1, keepdim=True).unsqueeze(-1)  # (B, R, 1, 1)
+    seed = torch.gather(cand, 2, best.expand(-1, -1, 1, cand.shape[-1])).squeeze(2)
+    d2 = torch.gather(cand_d2, 2, best.expand(-1, -1, 1, cand_d2.shape[-1])).squeeze(2)
     return seed, d2, has_new
 
 
@@ -161,8 +169,7 @@ def _seed_points(x: Tensor, w: Tensor, n_components: int, n_init: int, gen, *, d
     base = w.unsqueeze(1).expand(-1, n_init, -1)  # (B, R, N)
     step = compiled(_seed_step) if compile else _seed_step
     # The first seed: drawn by weight alone (every point "new", at infinite distance), one candidate.
-    d2 = torch.full_like(base, torch.inf)
-    seed, d2, _ = step(x, base, d2, u[0, :, :1], False)
+    seed, d2, _ = step(x, base, None, u[0, :, :1], False)
     seeds = [seed]
     distinct_ok = torch.ones(base.shape[:2], dtype=torch.bool, device=x.device)
     for k in range(1, n_components):  # sequential by nature; vectorized over series and restarts
@@ -178,34 +185,38 @@ def _one_hot(labels: Tensor, n_components: int, dtype) -> Tensor:
     return (labels.unsqueeze(-2) == ks).to(dtype)
 
 
-def _kmeans_assign_univariate(x: Tensor, w: Tensor, centers: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _univariate_features(x: Tensor, w: Tensor, n_components: int) -> tuple[Tensor, ...]:
+    """What :func:`_kmeans_assign_univariate` needs of the points ``x (B, 1, N, 1)``, ``w (B, 1, N)``
+    whatever the centers (computed once per k-means run): the points as a column ``(B, N, 1, 1)``,
+    the features ``[1, x]`` transposed ``(B, 2, N)``, the weights ``(B, N, 1, 1)`` and the component
+    ids ``(K, 1)``."""
+    x0 = x[:, 0]  # (B, N, 1)
+    return (x0.unsqueeze(-1), torch.cat([torch.ones_like(x0), x0], -1).mT, w[:, 0, :, None, None],
+            torch.arange(n_components, device=x.device).unsqueeze(-1))
+
+
+def _kmeans_assign_univariate(x: Tensor, w: Tensor, centers: Tensor, features: Optional[tuple] = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`kmeans_assign` for ``D = 1`` (eager) in a few large kernels: the distances of all
-    restarts are one product ``[1, x] @ [c^2, -2c]`` (columns ``(K, R)``), the nearest center a
-    running minimum over the K columns (ties: the first, as ``argmin``), and the cells' counts and
-    sums a second product of ``[1, x]`` with the weighted one-hot labels."""
+    restarts at once, ``c^2 - 2 c x`` with columns ``(R, K)``, the nearest center their ``argmin``
+    over K (ties: the first), and the cells' counts and sums one product of ``[1, x]`` with the
+    weighted one-hot labels. ``features``: :func:`_univariate_features` of the points."""
     b, r, k = centers.shape[0], centers.shape[1], centers.shape[2]
     n = x.shape[-2]
-    c = centers.squeeze(-1).transpose(1, 2)  # (B, K, R)
-    feats = torch.cat([torch.ones_like(x[:, 0]), x[:, 0]], -1)  # (B, N, 2)
-    coef = torch.stack([c.square(), -2 * c], 1).reshape(b, 2, k * r)  # (B, 2, K*R)
-    d2 = product(feats, coef).view(b, n, k, r)  # |x|^2 omitted
-    best, labels = d2[:, :, 0], torch.zeros((b, n, r), dtype=torch.long, device=x.device)
-    for j in range(1, k):
-        closer = d2[:, :, j] < best
-        best = torch.where(closer, d2[:, :, j], best)
-        labels = torch.where(closer, j, labels)
-    ks = torch.arange(k, device=x.device).unsqueeze(-1)  # (K, 1)
-    onehot = (labels.unsqueeze(-2) == ks).to(x.dtype) * w[:, 0, :, None, None]  # (B, N, K, R)
-    moments = product(feats.mT, onehot.view(b, n, k * r)).view(b, 2, k, r).permute(0, 3, 2, 1)  # (B, R, K, 2)
+    x_col, feats_t, w_cells, ks = _univariate_features(x, w, k) if features is None else features
+    c = centers.view(b, 1, r, k)  # (B, 1, R, K)
+    d2 = c.square() + x_col * (-2 * c)  # (B, N, R, K); |x|^2 omitted
+    labels = d2.argmin(-1)  # (B, N, R)
+    onehot = torch.where(labels.unsqueeze(-2) == ks, w_cells, 0.0)  # (B, N, K, R): weighted
+    moments = product(feats_t, onehot.view(b, n, k * r)).view(b, 2, k, r).permute(0, 3, 2, 1)  # (B, R, K, 2)
     return labels.transpose(1, 2), moments[..., 1:], moments[..., :1]
 
 
-def kmeans_assign(x: Tensor, w: Tensor, centers: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def kmeans_assign(x: Tensor, w: Tensor, centers: Tensor, features: Optional[tuple] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Nearest-center labels ``(B, R, N)`` of ``x (B, 1, N, D)`` (weights ``w (B, 1, N)``) and the
     weighted sums ``(B, R, K, D)`` and counts ``(B, R, K, 1)`` of each cell: additive over chunks
-    of points."""
+    of points. ``features``: univariate data's :func:`_univariate_features` (eager), or None."""
     if x.shape[-1] == 1 and x.dim() == 4 and not torch.compiler.is_compiling():
-        return _kmeans_assign_univariate(x, w, centers)
+        return _kmeans_assign_univariate(x, w, centers, features)
     # Squared distances with K last: argmin over the contiguous axis is fast.
     d2 = matmul(x, centers.mT) * -2 + centers.square().sum(-1).unsqueeze(-2)  # (B, R, N, K); |x|^2 omitted
     labels = d2.argmin(-1)  # (B, R, N)
@@ -213,16 +224,30 @@ def kmeans_assign(x: Tensor, w: Tensor, centers: Tensor) -> tuple[Tensor, Tensor
     return labels, matmul(wr, x), wr.sum(-1, keepdim=True)
 
 
-def kmeans_step(x: Tensor, w: Tensor, centers: Tensor, chunk_size: Optional[int] = None, assign=kmeans_assign) -> tuple[Tensor, Tensor]:
+def _point_parts(x: Tensor, w: Tensor, n_components: int, chunk_size: Optional[int], compile: bool = False) -> list:
+    """The chunks of points of a Lloyd pass, ``(x (B, 1, n, D), w (B, 1, n), features)`` each (one
+    chunk: the data itself), with univariate data's :func:`_univariate_features` when eager."""
+    slices = point_chunks(x.shape[-2], chunk_size)
+    pairs = [(x, w)] if len(slices) == 1 else [(x[..., part, :], w[..., part]) for part in slices]
+    univariate = x.shape[-1] == 1 and not compile
+    return [(xc, wc, _univariate_features(xc, wc, n_components) if univariate else None) for xc, wc in pairs]
+
+
+def kmeans_step(x: Tensor, w: Tensor, centers: Tensor, chunk_size: Optional[int] = None, assign=kmeans_assign,
+                parts: Optional[list] = None) -> tuple[Tensor, Tensor]:
     """One weighted Lloyd step: ``(labels (B, R, N), new centers (B, R, K, D))``, over chunks of
-    ``chunk_size`` points (``assign`` is :func:`kmeans_assign` or its compiled twin).
+    ``chunk_size`` points (``assign`` is :func:`kmeans_assign` or its compiled twin; ``parts``:
+    the chunks as :func:`_point_parts` gives them, when already made).
 
     ``x (B, 1, N, D)``, ``w (B, 1, N)``. A cluster that loses all its points keeps its center.
     """
-    parts = [assign(x[..., part, :], w[..., part], centers) for part in point_chunks(x.shape[-2], chunk_size)]
-    labels = torch.cat([p[0] for p in parts], -1) if len(parts) > 1 else parts[0][0]
-    sums = functools.reduce(operator.add, (p[1] for p in parts))
-    nk = functools.reduce(operator.add, (p[2] for p in parts))
+    if parts is None:
+        parts = _point_parts(x, w, centers.shape[-2], chunk_size, compile=assign is not kmeans_assign)
+    results = [assign(xc, wc, centers) if features is None else assign(xc, wc, centers, features)
+               for xc, wc, features in parts]
+    labels = torch.cat([p[0] for p in results], -1) if len(results) > 1 else results[0][0]
+    sums = functools.reduce(operator.add, (p[1] for p in results))
+    nk = functools.reduce(operator.add, (p[2] for p in results))
     means = sums / nk.clamp_min(torch.finfo(x.dtype).tiny)
     return labels, torch.where(nk > 0, means, centers)
 
@@ -413,9 +438,10 @@ def kmeans(x: Tensor, w: Tensor, centers: Tensor, max_iter: int = KMEANS_MAX_ITE
     """
     assign = compiled(kmeans_assign) if compile else kmeans_assign
     xb, wb = x.unsqueeze(1), w.unsqueeze(1)
+    parts = _point_parts(xb, wb, centers.shape[-2], chunk_size, compile)  # once for every step
     labels = None
     for _ in range(max(max_iter, 1)):
-        new_labels, centers = kmeans_step(xb, wb, centers, chunk_size, assign)
+        new_labels, centers = kmeans_step(xb, wb, centers, chunk_size, assign, parts)
         if labels is not None and torch.equal(new_labels, labels):
             break
         labels = new_labels
@@ -489,9 +515,11 @@ def _partition_params(x: Tensor, w: Tensor, labels: Tensor, centers: Tensor, cov
                       compile: bool = False, chunk_size: Optional[int] = None) -> GMMParams:
     """The M-step of hard ``labels (B, R, N)`` about ``centers (B, R, K, D)``; ``reg (B, 1)``."""
     stats_fn = compiled(partition_statistics) if compile else partition_statistics
-    stats = chunked_sum(
-        lambda xc, wc, lc: stats_fn(xc, wc, lc, centers, cov), x.unsqueeze(1), w.unsqueeze(1), chunk_size, labels
-    )
+    xb, wb = x.unsqueeze(1), w.unsqueeze(1)
+    if chunk_size is None or chunk_size >= x.shape[-2]:  # one chunk: the data themselves
+        stats = stats_fn(xb, wb, labels, centers, cov)
+    else:
+        stats = chunked_sum(lambda xc, wc, lc: stats_fn(xc, wc, lc, centers, cov), xb, wb, chunk_size, labels)
     params, _ = m_step(stats, centers, cov, reg)
     return params
 

@@ -6,12 +6,13 @@ everything else, once:
 
 - the working set of members and their data (:class:`Members`, :class:`Batch`): first every member
   in order, its parameters ``(B, R, ...)`` against the data broadcast as ``(B, 1, N, D)`` (a view,
-  no copy per restart); once at most ``compact_below`` of them are still active, only the active
-  ones, with their series' rows gathered (at least two rows, so that a compiled step is not
-  recompiled for a batch of one);
+  no copy per restart; with one member per series, flat ``(B, ...)`` against the series); once at
+  most ``compact_below`` of them are still active, only the active ones, with their series' rows
+  gathered (at least two rows, so that a compiled step is not recompiled for a batch of one);
 - per-member convergence (``|change of the objective| < tol`` between consecutive accepted
   values, scikit-learn's rule) and failure (the rule says ``ok=False``: the member keeps its last
-  state, is marked failed, and never touches its neighbours);
+  state, is marked failed, and never touches its neighbours); an iteration after which every
+  working member goes on needs no masks (the common case: one synchronization per iteration);
 - write-back of finished members, the histories (objective, data passes, elapsed time),
   ``max_iter == 0`` (the objective of the start), pruning of restarts (``prune_after``), a
   progress callback, and Ctrl-C at an iteration boundary.
@@ -24,6 +25,7 @@ Data arrive standardized (see ``fit``); no validation and no messages here.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
@@ -69,8 +71,9 @@ def all_finite(params: GMMParams, n_lead: int = 1) -> Tensor:
 # -- the data side -----------------------------------------------------------------------------------
 class Batch(NamedTuple):
     """The data of a set of members, broadcast against their parameters' leading dims ``lead``:
-    ``(B, R)`` for every member in order (``x (B, 1, N, D)``, a view), else ``(S,)`` (``x (S, N, D)``,
-    the members' series gathered)."""
+    ``(B, R)`` for every member in order with restarts (``x (B, 1, N, D)``, a view), else ``(S,)``
+    (``x (S, N, D)``: the series themselves when each has one member, or the members' series
+    gathered)."""
 
     lead: tuple
     x: Tensor  # (*lead', N, D)
@@ -81,10 +84,12 @@ class Batch(NamedTuple):
 
     @property
     def size(self) -> int:
-        return int(torch.Size(self.lead).numel())
+        return math.prod(self.lead)
 
     def shaped(self, tree):
-        """Flat member tensors ``(S, ...)`` -> ``(*lead, ...)`` (a view)."""
+        """Flat member tensors ``(S, ...)`` -> ``(*lead, ...)`` (a view; the tree itself when flat)."""
+        if len(self.lead) == 1:
+            return tree
         return tree_map(lambda t: t.reshape(*self.lead, *t.shape[1:]), tree)
 
     def subset(self, sel: Tensor) -> "Batch":
@@ -97,9 +102,12 @@ class Batch(NamedTuple):
         return Batch((len(sel),), pick(self.x), pick(self.w), pick(self.w_total), pick(self.reg), tree_map(pick, self.prior))
 
     def flat(self, tree):
-        """``(*lead, ...)`` -> flat ``(S, ...)``."""
+        """``(*lead, ...)`` -> flat ``(S, ...)`` (the tree itself when flat)."""
         n = len(self.lead)
-        return tree_map(lambda t: t.reshape(self.size, *t.shape[n:]), tree)
+        if n == 1:
+            return tree
+        size = self.size
+        return tree_map(lambda t: t.reshape(size, *t.shape[n:]), tree)
 
 
 class Members:
@@ -116,8 +124,11 @@ class Members:
 
     def batch(self, members: Optional[Tensor] = None) -> Batch:
         """The :class:`Batch` of every member in order (``members=None``: the data broadcast
-        against ``(B, R)`` parameters, no copy), or of the flat ids ``members (S,)`` (their series'
-        rows gathered; ids may repeat)."""
+        against ``(B, R)`` parameters, no copy; with one member per series the series themselves,
+        flat ``(B,)``), or of the flat ids ``members (S,)`` (their series' rows gathered; ids may
+        repeat)."""
+        if members is None and self.n_init == 1:
+            return Batch((self.n_series,), self.x, self.w, self.w_total, self.reg, self.prior)
         if members is None:
             return Batch(
                 (self.n_series, self.n_init), self.x.unsqueeze(1), self.w.unsqueeze(1),
@@ -230,8 +241,8 @@ def run_members(
     m = members.m
     x = members.x
     device, dtype = x.device, x.dtype
-    out = init.map(lambda t: t.reshape(m, *t.shape[2:]).clone())  # (M, ...)
-    out_track = _Track(
+    start_params = init.map(lambda t: t.reshape(m, *t.shape[2:]))  # (M, ...), views of `init`
+    initial = _Track(
         torch.full((m,), -torch.inf, dtype=dtype, device=device),
         (torch.full((m,), -torch.inf, dtype=dtype, device=device) if reference is None
          else reference.to(device=device, dtype=dtype).reshape(m).clone()),
@@ -248,13 +259,14 @@ def run_members(
         return torch.tensor(elapsed + [torch.nan] * (max_iter - len(elapsed)), dtype=torch.float64)
 
     idx = torch.arange(m, device=device)  # the working members
+    n_working = m  # len(idx)
     batch = members.batch()
     if max_iter == 0:
-        lower_bound = rule.objective(batch, out)
-        return MemberRun(out, lower_bound, *out_track[2:5], history, passes, elapsed_tensor(), False)
+        lower_bound = rule.objective(batch, start_params)
+        return MemberRun(start_params.map(torch.clone), lower_bound, *initial[2:5], history, passes, elapsed_tensor(), False)
 
-    start = rule.start(batch, init.map(lambda t: t.reshape(m, *t.shape[2:])))  # never aliases `out`
-    state, track = start.state, out_track
+    start = rule.start(batch, start_params)
+    state, track = start.state, initial
     if start.value is not None:
         usable = torch.isfinite(start.value)
         track = track._replace(
@@ -265,19 +277,27 @@ def run_members(
         track = track._replace(failed=track.failed | ~start.ok)
     if start.passes is not None:
         track = track._replace(spent=track.spent + start.passes)
-    active = ~track.failed
+    active = ~track.failed if start.ok is not None else torch.ones(m, dtype=torch.bool, device=device)
 
     # Histories of the working members since the last write-back: (iteration, values, passes), each
     # masked by activity; written into `history` / `passes` in one go (not one scatter per iteration).
     pending: list = []
+    # Every member's outcome (M, ...), made at the first write-back (compaction, pruning); a run
+    # without one ends with the working members themselves: every member in order.
+    out: Optional[GMMParams] = None
+    out_track = initial
 
     def write_back():
+        nonlocal out
+        if out is None:
+            out = start_params.map(torch.clone)
         if len(idx) == 0:  # an empty batch: nothing to write (and empty tensors may alias)
             return
         for o, p in zip(out, rule.params(state)):
             o[idx] = p
         for o, t in zip(out_track, track):
-            o[idx] = t
+            if t is not o:  # (a field no iteration changed is still the out tensor itself)
+                o[idx] = t
         if pending:
             its = torch.tensor([it for it, _, _ in pending], device=device)
             rows, cols = idx.unsqueeze(-1), its.unsqueeze(0)
@@ -285,35 +305,74 @@ def run_members(
             passes[rows, cols] = torch.stack([p for _, _, p in pending], -1)
             pending.clear()
 
+    def finish():
+        """The working members are every member in order: they are the outcome (the parameters
+        copied only where they are still the start's), their histories the first columns."""
+        nonlocal out, out_track
+        params = rule.params(state)
+        out = type(params)(*(p.clone() if p.data_ptr() == q.data_ptr() else p for p, q in zip(params, start_params)))
+        out_track = track
+        if pending:
+            history[:, :len(pending)] = torch.stack([v for _, v, _ in pending], -1)
+            passes[:, :len(pending)] = torch.stack([p for _, _, p in pending], -1)
+
     interrupted = False
     clock = time.perf_counter()
-    n_active = int(active.sum())
+    n_active = int(active.sum()) if start.ok is not None else m
     try:
         for it in range(max_iter if n_active else 0):
             s = rule.step(batch, state, active)
-            good = active & s.ok
-            accepted = good if s.accepted is None else good & s.accepted
-            if s.converged is None:
-                converged_now = accepted & ((s.value - track.reference).abs() < tol)
+            everyone = n_active == n_working  # every working member was active: `active` masks nothing
+            good = s.ok if everyone else active & s.ok
+            if s.converged is None:  # converges where good, accepted and |change| < tol
+                close = (s.value - track.reference).abs() < tol
+                converges = close if s.accepted is None else close & s.accepted
             else:
-                converged_now = good & s.converged
-            failed_now = active & ~s.ok
-            spent = track.spent + (1.0 if s.passes is None else torch.where(active, s.passes, 0.0))
-            record = (it, torch.where(active, s.value, torch.nan), torch.where(active, spent, torch.nan))
-            # One assignment, so that an interrupt leaves a consistent state.
-            state, track, active, _ = (
-                tree_where(good, s.state, state),
-                _Track(
-                    torch.where(active & torch.isfinite(s.value), s.value, track.lower_bound),
-                    torch.where(accepted, s.value, track.reference),
-                    torch.where(active, it + 1, track.n_iter),
-                    track.converged | converged_now,
-                    track.failed | failed_now,
-                    spent,
-                ),
-                active & ~converged_now & ~failed_now,
-                pending.append(record),
-            )
+                converges = s.converged
+            still = good & ~converges  # active after this iteration
+            # (one synchronization: whether every member goes on, else how many)
+            nobody_stopped = everyone and bool(still if n_working == 1 else still.all())
+            n_still = n_active if nobody_stopped else int(still.sum())
+            if nobody_stopped:
+                # Nobody stopped: every member was good and goes on (no failure, no convergence):
+                # the new states as they are, the bookkeeping without masks.
+                spent = track.spent + (1.0 if s.passes is None else s.passes)
+                record = (it, s.value, spent)
+                state, track, active, n_active, _ = (
+                    s.state,
+                    _Track(
+                        torch.where(torch.isfinite(s.value), s.value, track.lower_bound),
+                        s.value if s.accepted is None else torch.where(s.accepted, s.value, track.reference),
+                        track.n_iter + 1,  # (all active so far: n_iter == it)
+                        track.converged,
+                        track.failed,
+                        spent,
+                    ),
+                    still,
+                    n_still,
+                    pending.append(record),
+                )
+            else:
+                accepted = good if s.accepted is None else good & s.accepted
+                converged_now = good & converges
+                failed_now = active & ~s.ok
+                spent = track.spent + (1.0 if s.passes is None else torch.where(active, s.passes, 0.0))
+                record = (it, torch.where(active, s.value, torch.nan), torch.where(active, spent, torch.nan))
+                # One assignment, so that an interrupt leaves a consistent state.
+                state, track, active, n_active, _ = (
+                    tree_where(good, s.state, state),
+                    _Track(
+                        torch.where(active & torch.isfinite(s.value), s.value, track.lower_bound),
+                        torch.where(accepted, s.value, track.reference),
+                        torch.where(active, it + 1, track.n_iter),
+                        track.converged | converged_now,
+                        track.failed | failed_now,
+                        spent,
+                    ),
+                    still,
+                    n_still,
+                    pending.append(record),
+                )
             elapsed.append(time.perf_counter() - clock)
             if progress is not None:
                 progress(it + 1, int(active.sum()), float(s.value[active].mean()) if bool(active.any()) else float("nan"))
@@ -323,24 +382,27 @@ def run_members(
                 keep = torch.zeros_like(score, dtype=torch.bool)
                 keep[torch.arange(score.shape[0], device=device), score.argmax(-1)] = True
                 active = active & keep.reshape(-1)[idx]
-            n_active = int(active.sum())
+                n_active = int(active.sum())
             if n_active == 0:
                 break
-            if n_active <= compact_below * len(idx):
+            if n_active <= compact_below * n_working:
                 write_back()
                 keep = active.nonzero().squeeze(-1)
                 if len(keep) == 1:  # keep >= 2 rows: a batch of 1 would recompile a fused step
                     keep = keep.repeat(2)  # (the twin rows compute and write back identical values)
-                idx = idx[keep]
+                idx, n_working = idx[keep], len(keep)
                 state = tree_map(lambda t: t[keep], state)
                 track = tree_map(lambda t: t[keep], track)
-                active = torch.ones(len(idx), dtype=torch.bool, device=device)
+                active = torch.ones(n_working, dtype=torch.bool, device=device)
                 batch = members.batch(idx)
     except KeyboardInterrupt:
         if not catch_interrupt:
             raise
         interrupted = True
-    write_back()
+    if out is None:
+        finish()
+    else:
+        write_back()
     return MemberRun(out, out_track.lower_bound, out_track.n_iter, out_track.converged, out_track.failed,
                      history, passes, elapsed_tensor(), interrupted)
 

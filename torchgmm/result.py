@@ -43,6 +43,12 @@ class FitStatus(enum.IntEnum):
     EMPTY = 5  #: no positive-weight point at all; lower bound -inf, placeholder parameters
 
 
+# The codes of the flags FitResult.from_members stacks: not converged, degenerate, diverged,
+# insufficient data, empty.
+_STATUS_CODES = torch.tensor([FitStatus.NOT_CONVERGED, FitStatus.DEGENERATE, FitStatus.DIVERGED,
+                              FitStatus.INSUFFICIENT_DATA, FitStatus.EMPTY], dtype=torch.long)
+
+
 @dataclass
 class FitResult:
     """Result of fitting a batch of mixtures. Batch shape ``(*B)`` in front of every tensor.
@@ -98,7 +104,7 @@ class FitResult:
         # not a fixed 100 eps, which flagged narrow but sound float32 components (std < 0.35% of
         # the series' spread: two clusters 100 apart with std 0.1).
         rounding = (100 * torch.finfo(lb.dtype).eps * (1 + params_m.means.norm(dim=-1))).square()  # (B, R, K)
-        floor = torch.maximum(DEGENERATE_FACTOR * reg[:, None, None], rounding)
+        floor = torch.maximum((DEGENERATE_FACTOR * reg).view(-1, 1, 1), rounding)
         degenerate = (min_var <= floor) & ~torch.isneginf(params_m.log_weights)  # (B, R, K)
         score = lb if score is None else score
 
@@ -109,7 +115,7 @@ class FitResult:
             best = torch.zeros(n_series, dtype=torch.long, device=lb.device)
 
             def pick(t):
-                return t.reshape(n_series, *t.shape[1:])
+                return t  # (M, ...) is (B, ...)
         else:
             finite = torch.isfinite(lb)
             clean = finite & ~degenerate.any(-1) & ~failed
@@ -121,13 +127,14 @@ class FitResult:
 
         params = scaling.to_data(GMMParams(*(pick(t) for t in run.params)), cov)
         converged, failed_best = pick(run.converged), pick(run.failed)
-        degenerate_best = pick(degenerate.reshape(n_series * n_restarts, k)) & ~empty.unsqueeze(-1)
+        present = (~empty).unsqueeze(-1)  # (B, 1)
+        degenerate_best = pick(degenerate.reshape(n_series * n_restarts, k)) & present
         # the highest code that applies (codes grow with severity), in one pass
         flags = torch.stack([~converged, degenerate_best.any(-1), failed_best, insufficient, empty], -1)
-        codes = torch.tensor([FitStatus.NOT_CONVERGED, FitStatus.DEGENERATE, FitStatus.DIVERGED,
-                              FitStatus.INSUFFICIENT_DATA, FitStatus.EMPTY], dtype=torch.long)
-        status = (flags * codes.to(lb.device)).amax(-1)
-        lower_bound = torch.where(empty, -torch.inf, scaling.log_lik_to_data(pick(run.lower_bound), d))
+        codes = _STATUS_CODES if _STATUS_CODES.device == lb.device else _STATUS_CODES.to(lb.device)
+        status = (flags * codes).amax(-1)
+        restart_lower_bounds = scaling.log_lik_to_data(lb, d)  # (B, R)
+        lower_bound = torch.where(empty, -torch.inf, pick(restart_lower_bounds.reshape(-1)))
         history = torch.where(empty.unsqueeze(-1), torch.nan, scaling.log_lik_to_data(pick(run.history), d))
 
         def unflatten(t):
@@ -140,12 +147,12 @@ class FitResult:
             lower_bounds=unflatten(history),
             passes=unflatten(pick(run.passes)),
             n_iter=unflatten(torch.where(empty, 0, pick(run.n_iter))),
-            converged=unflatten(converged & ~empty & ~failed_best),
+            converged=unflatten(converged & ~failed_best & present.squeeze(-1)),
             status=unflatten(status),
             degenerate_components=unflatten(degenerate_best),
             n_samples=unflatten(n_valid),
-            restart_lower_bounds=unflatten(scaling.log_lik_to_data(lb, d)),
-            restart_degenerate=unflatten(degenerate.any(-1) & ~empty.unsqueeze(-1)),
+            restart_lower_bounds=unflatten(restart_lower_bounds),
+            restart_degenerate=unflatten(degenerate.any(-1) & present),
             best_restart=unflatten(best),
             elapsed=run.elapsed,
             interrupted=run.interrupted,
@@ -221,6 +228,8 @@ class FitResult:
         """One summarized warning per category for the whole batch (never one per series)."""
         status = self.status.reshape(-1)
         n = status.numel()
+        if n == 0 or int(status.amax()) == FitStatus.OK:  # (one synchronization when every fit is OK)
+            return
         bad = status >= FitStatus.DEGENERATE
         if bool(bad.any()):
             first = tuple((self.status >= FitStatus.DEGENERATE).nonzero()[0].tolist())

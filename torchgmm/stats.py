@@ -288,11 +288,13 @@ def m_step(
     """
     cov = get_covariance(covariance_type)
     nk = stats.nk + 10 * torch.finfo(stats.nk.dtype).eps  # (*B, K)
-    stats, count = (stats._replace(nk=nk), None) if prior is None else prior.augment(stats._replace(nk=nk), ref, cov)
-    shift = stats.sum_diff / stats.nk.unsqueeze(-1)  # (*B, K, D): new mean - ref
-    covariance = cov.covariance(stats.nk, shift, stats.scatter, reg_covar, count)
+    n, sum_diff, scatter, count = nk, stats.sum_diff, stats.scatter, None
+    if prior is not None:
+        (n, sum_diff, scatter, _), count = prior.augment(Stats(nk, sum_diff, scatter, stats.log_lik), ref, cov)
+    shift = sum_diff / n.unsqueeze(-1)  # (*B, K, D): new mean - ref
+    covariance = cov.covariance(n, shift, scatter, reg_covar, count)
     prec_chol, ok = cov.prec_chol_from_covariance(covariance, reg_covar)
-    log_weights = torch.log(nk) - torch.log(nk.sum(-1, keepdim=True))  # the data's counts, never the prior's
+    log_weights = torch.log(nk / nk.sum(-1, keepdim=True))  # the data's counts, never the prior's
     return GMMParams(log_weights, ref + shift, prec_chol), ok
 
 

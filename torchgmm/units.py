@@ -20,28 +20,43 @@ from .density import GMMParams
 __all__ = ["standardize", "Scaling"]
 
 
-def standardize(x: Tensor, w: Tensor, reg_covar: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def standardize(x: Tensor, w: Tensor, reg_covar: float, unit_weights: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-series centring and scaling of ``x (B, N, D)`` with weights ``w (B, N)``.
 
     Returns ``(xs, shift (B, D), scale (B,), reg (B,))`` with ``xs = (x - shift) / scale`` (zero
     where ``w == 0``) and ``reg = reg_covar / scale**2``. ``scale`` is the root mean variance over
     features (one number, so every covariance type maps back exactly), floored at
     ``sqrt(reg_covar)`` so that a constant or tiny-scale series never divides by ~0.
+    ``unit_weights``: every weight is 1 (the same numbers without the masks and products).
     """
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    valid = w.unsqueeze(-1) > 0  # (B, N, 1); padding may hold anything finite, however large
-    w_total = w.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)  # (B, 1)
+    tiny = torch.finfo(x.dtype).tiny
+    if unit_weights:
+        w_total = float(x.shape[-2])
+
+        def masked(t: Tensor) -> Tensor:
+            return t
+
+        weighted = masked
+    else:
+        w_col = w.unsqueeze(-1)  # (B, N, 1)
+        valid = w_col > 0  # padding may hold anything finite, however large
+        w_total = w.sum(-1, keepdim=True).clamp_min(tiny)  # (B, 1)
+
+        def masked(t: Tensor) -> Tensor:
+            return torch.where(valid, t, 0.0)
+
+        def weighted(t: Tensor) -> Tensor:
+            return w_col * t
     # Sums of values and squares are taken relative to the largest magnitude, so they cannot
     # overflow even where x**2 would (|x| > 1.8e19 in float32).
-    big = torch.where(valid, x.abs(), zero).amax((-2, -1)).clamp_min(torch.finfo(x.dtype).tiny)  # (B,)
-    shift = (w.unsqueeze(-1) * torch.where(valid, x / big[:, None, None], zero)).sum(-2) / w_total * big[:, None]  # (B, D)
-    centred = torch.where(valid, x - shift.unsqueeze(-2), zero)
-    spread = centred.abs().amax((-2, -1)).clamp_min(torch.finfo(x.dtype).tiny)  # (B,)
-    var = (w.unsqueeze(-1) * (centred / spread[:, None, None]).square()).sum(-2) / w_total  # (B, D), in spread^2
-    scale = var.mean(-1).sqrt() * spread
-    scale = torch.maximum(scale, torch.full_like(scale, math.sqrt(reg_covar)))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    xs = centred / scale[:, None, None]
+    big = masked(x.abs()).amax((-2, -1)).clamp_min(tiny)  # (B,)
+    shift = weighted(masked(x / big.view(-1, 1, 1))).sum(-2) / w_total * big.unsqueeze(-1)  # (B, D)
+    centred = masked(x - shift.unsqueeze(-2))
+    spread = centred.abs().amax((-2, -1)).clamp_min(tiny)  # (B,)
+    var = weighted((centred / spread.view(-1, 1, 1)).square()).sum(-2) / w_total  # (B, D), in spread^2
+    scale = (var.mean(-1).sqrt() * spread).clamp_min(math.sqrt(reg_covar))
+    scale = torch.where(scale > 0, scale, 1.0)
+    xs = centred / scale.view(-1, 1, 1)
     return xs, shift, scale, reg_covar / scale.square()
 
 
