@@ -152,3 +152,42 @@ def test_full_univariate_factor_and_unconstrained_form_as_the_general_forms():
     torch.testing.assert_close(cov.precision_from_prec_chol(prec_chol), prec_chol @ prec_chol.mT, rtol=1e-15, atol=0)
     assert torch.equal(cov.from_unconstrained(cov.to_unconstrained(prec_chol)), prec_chol.log().exp())
     assert torch.equal(cov.to_unconstrained(prec_chol), prec_chol.log())
+
+
+def test_the_validation_passes_run_on_the_fits_thread_count(monkeypatch):
+    """The threads are chosen from the data's size before prepare's passes over it (on a busy
+    machine those passes on torch's setting waited for a core at every kernel)."""
+    import torchgmm.fitting as fitting
+
+    seen = []
+    real_prepare = fitting.prepare
+
+    def prepare(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(fitting, "prepare", prepare)
+    monkeypatch.setattr(fitting, "intra_op_threads", lambda work, device: 1 if work >= 1e6 else 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(200, 500, 1, generator=torch.Generator().manual_seed(0))
+        fitting.fit(x, 3, n_init=4, max_iter=2, random_state=0, warn=False)  # 200 x 500 x 4 x 3 >= 1e6
+        fitting.fit(x[:2, :50], 3, n_init=1, max_iter=2, random_state=0, warn=False)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_thread_rule_one_thread_for_tiny_fits_else_torchs_setting_below_the_parallel_work():
+    from torchgmm.plan import PARALLEL_WORK, SERIAL_WORK, intra_op_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cpu = torch.device("cpu")
+        assert intra_op_threads(SERIAL_WORK - 1, cpu) == 1
+        assert intra_op_threads(SERIAL_WORK, cpu) == 2 and intra_op_threads(PARALLEL_WORK - 1, cpu) == 2
+        assert intra_op_threads(10, torch.device("meta")) == 2  # not the CPU: torch's setting
+    finally:
+        torch.set_num_threads(before)

@@ -177,12 +177,6 @@ def _initialize(xs, data: _Data, k, n_init, init_params, cov, reg, random_state,
     return init._replace(**{name: t.unsqueeze(1).expand_as(getattr(init, name)) for name, t in given.items()})
 
 
-# Point-components (series x restarts x N x K x D) below which a fit runs on one intra-op thread:
-# none of its kernels reaches torch's parallel grain (32768 elements), while a second thread still
-# costs at every BLAS call and in some element-wise kernels (150 elements: bmm 1.0 -> 2.4 us, exp
-# 0.9 -> 1.7 us with two threads).
-SERIAL_WORK = 1 << 15
-
 # Point-components (members x N x K) up to which univariate EM runs its lean rule
 # (``em.UnivariateEMRule``): per-call overhead dominates there, and the temporaries stay in cache.
 FUSED_MAX_WORK = 1 << 16
@@ -339,19 +333,23 @@ def fit(
     )
     method = as_method(method, optimizer=optimizer, lr=lr, prune_after=prune_after)
     cov, k = get_covariance(covariance_type), n_components
-    data = prepare(X, sample_weight, min(candidates) if candidates else k, nan_policy, dtype, device, n_features)
+    n_restarts = 1 if warm_start is not None or (weights_init is not None and means_init is not None and precisions_init is not None) else n_init
+    # The threads are chosen before the validation's passes over the data, which would otherwise
+    # run on torch's setting (on a busy machine: two threads waiting for one core, 0.1 s on W2).
+    X = validation.to_tensor(X, "X")
+    n_threads = intra_op_threads(float(X.numel()) * n_restarts * k, torch.device(device) if device is not None else X.device)
+    with threads(n_threads):
+        data = prepare(X, sample_weight, min(candidates) if candidates else k, nan_policy, dtype, device, n_features)
     (n_series, n, d), itemsize, dev = data.x.shape, data.x.element_size(), data.x.device
     guard = validation.features_look_like_series(tuple(data.batch_shape) + (n, d), k)
     if warn and guard is not None:
         warnings.warn(guard, FitWarning, stacklevel=2)
-    n_restarts = 1 if warm_start is not None or (weights_init is not None and means_init is not None and precisions_init is not None) else n_init
     plan = make_plan(n_series, n_init, k, n, d, max_iter, itemsize, dev, compile=compile, chunk_size=chunk_size,
                      memory_budget=memory_budget, blocked=method.blocked, n_restarts=n_restarts)
     # EM and SQUAREM need no autograd: inference mode dispatches each operation faster (a 50-point
     # fit 4.5 -> 3.5 ms); the result leaves it as normal tensors (_outside_inference_mode).
     inference = method.name != "gradient"
-    work = float(n_series) * n_restarts * n * k * d
-    with threads(1 if work < SERIAL_WORK else intra_op_threads(work, dev)), \
+    with threads(n_threads), \
             (torch.inference_mode() if inference else contextlib.nullcontext()):
         xs, scaling, reg = _scale(data, reg_covar, plan.compile, warn, stacklevel=2)
         check_memory(n_series * n_init, k, d, cov, itemsize, dev)

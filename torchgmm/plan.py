@@ -18,7 +18,7 @@ from .covariance import Covariance
 
 __all__ = [
     "Plan", "make_plan", "blocking", "check_memory", "intra_op_threads", "threads", "DEFAULT_MEMORY_BUDGET",
-    "BLOCK_BYTES", "MIN_CHUNK", "PARALLEL_WORK",
+    "BLOCK_BYTES", "MIN_CHUNK", "PARALLEL_WORK", "SERIAL_WORK",
 ]
 
 # Bytes the E-step's temporaries may use at once; the points are processed in chunks to stay below.
@@ -86,21 +86,31 @@ def make_plan(
     return Plan(use_compile, init_chunk, max(1, init_block // n_init), chunk, block)
 
 
+# Point-components (series x restarts x N x K x D) below which a fit runs on one intra-op thread:
+# none of its kernels reaches torch's parallel grain (32768 elements), while a second thread still
+# costs at every BLAS call and in some element-wise kernels (150 elements: bmm 1.0 -> 2.4 us, exp
+# 0.9 -> 1.7 us with two threads).
+SERIAL_WORK = 1 << 15
+
 # Point-components (members x N x K x D) of one pass below which a fit leaves the thread setting
-# alone: its kernels are below torch's grain size anyway, and changing the setting costs ~10 ms
-# (the OpenMP pool is rebuilt at the next parallel region).
+# alone (above SERIAL_WORK): its kernels are mostly below torch's grain size anyway.
 PARALLEL_WORK = 1e6
 
 
 def intra_op_threads(work: float, device: torch.device) -> int:
-    """Intra-op threads for a fit whose pass touches ``work`` point-components: torch's setting,
-    lowered (for fits of at least ``PARALLEL_WORK``) to the cores no other process is running on
+    """Intra-op threads for a fit whose pass touches ``work`` point-components: one below
+    ``SERIAL_WORK``; else torch's setting, lowered (for fits of at least ``PARALLEL_WORK``) to the
+    cores no other process is running on
     now (the runnable count of ``/proc/loadavg``). Two threads on two cores of which another process holds
     one wait for the descheduled thread at every kernel's join: measured 3-20x slower than one
     thread on the W1 batch, while one thread slows only as much as scikit-learn's one thread.
     Never raises torch's setting (``torch.set_num_threads`` caps it)."""
     current = torch.get_num_threads()
-    if device.type != "cpu" or current <= 1 or work < PARALLEL_WORK:
+    if device.type != "cpu" or current <= 1:
+        return current
+    if work < SERIAL_WORK:
+        return 1
+    if work < PARALLEL_WORK:
         return current
     try:
         with open("/proc/loadavg") as f:

@@ -116,7 +116,9 @@ def check_refine(refine) -> Optional[dict]:
     return dict(refine)
 
 
-def _to_tensor(value, name: str) -> Tensor:
+def to_tensor(value, name: str) -> Tensor:
+    """``value`` as a tensor: itself if it is one, else a numpy copy (refusing strings, ragged
+    lists, object and non-numeric arrays with the reason)."""
     if isinstance(value, Tensor):
         return value
     if isinstance(value, (str, bytes)):
@@ -194,7 +196,7 @@ def as_data(
     ``X`` is to be scored or predicted (``nan_policy`` must then be ``"raise"``); a non-finite
     value is an error whose hint says to remove or impute those points (not to pass a policy).
     """
-    t = _to_tensor(X, name)
+    t = to_tensor(X, name)
     if device is not None:
         t = t.to(device)
     t = t.detach().to(_float_dtype(t, name, dtype))
@@ -237,7 +239,7 @@ def as_sample_weight(sample_weight, x: Tensor, name: str = "sample_weight") -> T
     shape = x.shape[:-1]
     if sample_weight is None:
         return torch.ones(shape, dtype=x.dtype, device=x.device)
-    w = _to_tensor(sample_weight, name)
+    w = to_tensor(sample_weight, name)
     if isinstance(sample_weight, Tensor) and w.device != x.device:
         raise ValueError(f"{name} is on {w.device} but X is on {x.device}; move one of them (e.g. {name}.to(X.device))")
     if w.dtype == torch.bool:
@@ -323,7 +325,7 @@ def batched_init(
     without the batch dims, broadcast to ``batch_shape + event_shape``."""
     if value is None:
         return None
-    t = _to_tensor(value, name)
+    t = to_tensor(value, name)
     if isinstance(value, Tensor) and t.device != torch.device(device):
         raise ValueError(
             f"{name} is on {t.device} but X is on {torch.device(device)}; move it (e.g. {name}.to(X.device)) "
