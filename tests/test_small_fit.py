@@ -191,3 +191,23 @@ def test_thread_rule_one_thread_for_tiny_fits_else_torchs_setting_below_the_para
         assert intra_op_threads(10, torch.device("meta")) == 2  # not the CPU: torch's setting
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("runnable,expected", [([3, 1, 3, 3], 2), ([3, 3, 3, 3], 1), ([1], 2)])
+def test_thread_rule_counts_the_fewest_other_processes_over_a_few_samples(monkeypatch, runnable, expected):
+    """A task that is runnable in one sample of /proc/loadavg only (passing) does not cost a
+    thread; one runnable in every sample (a competitor holding a core) does."""
+    import io
+
+    import torchgmm.plan as plan
+
+    samples = iter(runnable)
+    monkeypatch.setattr(plan, "open", lambda path: io.StringIO(f"0.5 0.5 0.5 {next(samples)}/80 1\n"), raising=False)
+    monkeypatch.setattr(plan, "_own_running_threads", lambda: 1)
+    monkeypatch.setattr(plan.os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert plan.intra_op_threads(plan.PARALLEL_WORK, torch.device("cpu")) == expected
+    finally:
+        torch.set_num_threads(before)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from typing import NamedTuple, Optional
 
 import torch
@@ -96,6 +97,9 @@ SERIAL_WORK = 1 << 15
 # alone (above SERIAL_WORK): its kernels are mostly below torch's grain size anyway.
 PARALLEL_WORK = 1e6
 
+# Samples of the runnable count (``intra_op_threads``) and the seconds between them.
+LOAD_SAMPLES, LOAD_SAMPLE_GAP = 4, 5e-4
+
 
 def intra_op_threads(work: float, device: torch.device) -> int:
     """Intra-op threads for a fit whose pass touches ``work`` point-components: one below
@@ -112,14 +116,24 @@ def intra_op_threads(work: float, device: torch.device) -> int:
         return 1
     if work < PARALLEL_WORK:
         return current
-    try:
-        with open("/proc/loadavg") as f:
-            running = int(f.read().split()[3].split("/")[0])  # runnable tasks now, this process's included
-    except (OSError, ValueError, IndexError):
-        return current
     # This process's own runnable threads (its caller, and OpenMP workers still spinning after the
-    # last parallel region) are not competition: only the other processes' are.
-    free = (os.cpu_count() or current) - max(0, running - _own_running_threads())
+    # last parallel region) are not competition: only the other processes' are. A single sample
+    # catches passing tasks (a kernel worker, a thread of ours read as sleeping a moment later):
+    # W1 fell to one thread in about 1 fit of 10 on an idle machine. A competitor holding a core
+    # is runnable in every sample, so the fewest others over a few samples count.
+    others = None
+    for _ in range(LOAD_SAMPLES):
+        try:
+            with open("/proc/loadavg") as f:
+                running = int(f.read().split()[3].split("/")[0])  # runnable tasks now, ours included
+        except (OSError, ValueError, IndexError):
+            return current
+        now = max(0, running - _own_running_threads())
+        others = now if others is None else min(others, now)
+        if others == 0:
+            break
+        time.sleep(LOAD_SAMPLE_GAP)
+    free = (os.cpu_count() or current) - others
     return max(1, min(current, free))
 
 
