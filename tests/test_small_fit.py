@@ -201,7 +201,7 @@ def test_thread_rule_counts_the_fewest_other_processes_over_a_few_samples(monkey
 
     import torchgmm.plan as plan
 
-    samples = iter(runnable)
+    samples = iter(runnable + [runnable[-1]] * plan.LOAD_SAMPLES)  # the last one persists
     monkeypatch.setattr(plan, "open", lambda path: io.StringIO(f"0.5 0.5 0.5 {next(samples)}/80 1\n"), raising=False)
     monkeypatch.setattr(plan, "_own_running_threads", lambda: 1)
     monkeypatch.setattr(plan.os, "cpu_count", lambda: 2)

@@ -97,8 +97,10 @@ SERIAL_WORK = 1 << 15
 # alone (above SERIAL_WORK): its kernels are mostly below torch's grain size anyway.
 PARALLEL_WORK = 1e6
 
-# Samples of the runnable count (``intra_op_threads``) and the seconds between them.
-LOAD_SAMPLES, LOAD_SAMPLE_GAP = 4, 5e-4
+# Samples of the runnable count (``intra_op_threads``) and the seconds between them: a window of
+# 4 ms. Sampled every 0.5 ms for 5 s on the idle 2-core machine, other tasks were runnable in 38
+# bursts, the longest 3.5 ms (kernel threads); one holding a core is runnable in every sample.
+LOAD_SAMPLES, LOAD_SAMPLE_GAP = 5, 1e-3
 
 
 def intra_op_threads(work: float, device: torch.device) -> int:
@@ -118,9 +120,9 @@ def intra_op_threads(work: float, device: torch.device) -> int:
         return current
     # This process's own runnable threads (its caller, and OpenMP workers still spinning after the
     # last parallel region) are not competition: only the other processes' are. A single sample
-    # catches passing tasks (a kernel worker, a thread of ours read as sleeping a moment later):
-    # W1 fell to one thread in about 1 fit of 10 on an idle machine. A competitor holding a core
-    # is runnable in every sample, so the fewest others over a few samples count.
+    # catches passing tasks (kernel threads): W1 fell to one thread in about 1 fit of 10 on an
+    # idle machine. A competitor holding a core is runnable in every sample, so the fewest others
+    # over a few samples count.
     others = None
     for _ in range(LOAD_SAMPLES):
         try:
