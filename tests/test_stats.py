@@ -282,12 +282,15 @@ def test_univariate_statistics_equal_the_difference_based_e_step(cov_type, dtype
 @pytest.mark.parametrize("cov_type", ["full", "tied"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("folded", [True, False])
-def test_whitened_statistics_equal_the_difference_based_e_step(cov_type, dtype, folded):
+@pytest.mark.parametrize("form", ["whitened_statistics", "quadratic_statistics"])
+def test_whitened_statistics_equal_the_difference_based_e_step(cov_type, dtype, folded, form):
     """The whitened path (one product per series for every component of every restart, statistics
-    in whitened coordinates mapped back) gives e_step_statistics' numbers: restarts sharing the
-    data (folded) or each member with its own rows."""
+    in whitened coordinates mapped back) and the quadratic one (features [1, x, x_i x_j] times the
+    log-density's coefficients, the statistics from the same features) give e_step_statistics'
+    numbers: restarts sharing the data (folded) or each member with its own rows."""
+    import torchgmm.stats as stats
     from torchgmm.init import initialize, make_generator
-    from torchgmm.stats import e_step_statistics, whitened_statistics
+    from torchgmm.stats import e_step_statistics
 
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(3, 120, 4, dtype=torch.float64, generator=gen) @ torch.randn(4, 4, dtype=torch.float64, generator=gen)
@@ -296,7 +299,7 @@ def test_whitened_statistics_equal_the_difference_based_e_step(cov_type, dtype, 
     params, _ = initialize(x, w, 3, 4, "kmeans", cov_type, torch.full((3,), 1e-6, dtype=torch.float64), make_generator(2))
     xb, wb = (x.unsqueeze(1), w.unsqueeze(1)) if folded else (x.unsqueeze(1).expand(3, 4, 120, 4), w.unsqueeze(1).expand(3, 4, 120))
     ref = e_step_statistics(xb, wb, params, cov_type)
-    fast = whitened_statistics(xb.to(dtype), wb.to(dtype), params.map(lambda t: t.to(dtype)), cov_type)
+    fast = getattr(stats, form)(xb.to(dtype), wb.to(dtype), params.map(lambda t: t.to(dtype)), cov_type)
     tol = dict(rtol=1e-10, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
     for name, a, b in zip(ref._fields, fast, ref):
         assert a.shape == b.shape, name
@@ -341,22 +344,32 @@ def test_univariate_statistics_at_points_where_every_component_underflows(dtype)
         torch.testing.assert_close(a.double(), b, **tol)
 
 
-def test_whitened_statistics_fall_back_per_row_in_a_mixed_batch():
-    """Only the rows (series with their restarts) whose product would cancel digits take the
-    difference form; the others keep the whitened path; all rows match the float64 reference."""
+def _mixed_batch():
+    """Three rows (series) of two components in float32 numbers, ``(x, w, params)`` in float64:
+    row 1 is a tight cluster far from the origin (|mu U| ~ 2e4: the products would cancel digits)."""
     from torchgmm.density import GMMParams
-    from torchgmm.stats import e_step_statistics, whitened_statistics
 
     g = torch.Generator().manual_seed(1)
-    tight = 100 + 1e-2 * torch.randn(1, 200, 3, dtype=torch.float64, generator=g)  # |mu U| ~ 2e4
+    tight = 100 + 1e-2 * torch.randn(1, 200, 3, dtype=torch.float64, generator=g)
     loose = torch.randn(2, 200, 3, dtype=torch.float64, generator=g)
-    x = torch.cat([loose[:1], tight, loose[1:]]).float().double()  # (3, 200, 3): row 1 needs the fallback
+    x = torch.cat([loose[:1], tight, loose[1:]]).float().double()
     w = torch.ones(3, 200, dtype=torch.float64)
     means = x.mean(1, keepdim=True).expand(3, 2, 3).float().double()
     prec = torch.stack([torch.eye(3), 100 * torch.eye(3), torch.eye(3)]).double().unsqueeze(1).expand(3, 2, 3, 3)
-    params = GMMParams(torch.log(torch.full((3, 2), 0.5, dtype=torch.float64)), means, prec)
+    return x, w, GMMParams(torch.log(torch.full((3, 2), 0.5, dtype=torch.float64)), means, prec)
+
+
+@pytest.mark.parametrize("form", ["whitened_statistics", "quadratic_statistics"])
+def test_whitened_statistics_fall_back_per_row_in_a_mixed_batch(form):
+    """Only the rows (series with their restarts) whose product would cancel digits take the
+    difference form (the quadratic form: through the whitened one); the others keep the fast
+    path; all rows match the float64 reference."""
+    import torchgmm.stats as stats
+    from torchgmm.stats import e_step_statistics
+
+    x, w, params = _mixed_batch()
     ref = e_step_statistics(x, w, params, "full")
-    fast = whitened_statistics(x.float(), w.float(), params.map(lambda t: t.float()), "full")
+    fast = getattr(stats, form)(x.float(), w.float(), params.map(lambda t: t.float()), "full")
     for a, b in zip(fast, ref):
         assert a.shape == b.shape
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
@@ -383,3 +396,38 @@ def test_univariate_statistics_take_float64_per_row_in_a_mixed_batch():
         assert a.shape == b.shape
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast.scatter[1].double(), ref.scatter[1], rtol=1e-4, atol=0)
+
+
+def test_quadratic_coefficients_reduce_to_the_univariate_ones_and_give_the_joint():
+    from torchgmm.density import (GMMParams, joint_log_prob, quadratic_coefficients, quadratic_features,
+                                  univariate_coefficients)
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 3, 3, 3, dtype=torch.float64, generator=g)
+    prec_chol = torch.linalg.cholesky(torch.linalg.inv(a @ a.mT + torch.eye(3)).flip(-1, -2)).flip(-1, -2)  # upper
+    params = GMMParams(torch.log_softmax(torch.randn(2, 3, dtype=torch.float64, generator=g), -1),
+                       torch.randn(2, 3, 3, dtype=torch.float64, generator=g), prec_chol)
+    x = torch.randn(2, 50, 3, dtype=torch.float64, generator=g)
+    joint = quadratic_coefficients(params, "full") @ quadratic_features(x.mT)  # (2, 3, 50)
+    torch.testing.assert_close(joint, joint_log_prob(x, params, "full"), rtol=1e-12, atol=1e-10)
+    one = GMMParams(params.log_weights, params.means[..., :1], prec_chol[..., :1, :1])
+    torch.testing.assert_close(quadratic_coefficients(one, "full"), univariate_coefficients(one, "full"), rtol=1e-14, atol=0)
+
+
+def test_quadratic_statistics_send_rows_that_would_cancel_or_overflow_to_the_whitened_form(monkeypatch):
+    """float32 rows whose expansion would cancel digits (mu^T P mu / 2 beyond the limit) and rows
+    with a density too high to exponentiate take whitened_statistics; the other rows stay."""
+    import torchgmm.stats as stats
+
+    sent = []
+    real = stats.whitened_statistics
+    monkeypatch.setattr(stats, "whitened_statistics", lambda x, *a: sent.append(x.shape[0]) or real(x, *a))
+    x, w, params = _mixed_batch()
+    stats.quadratic_statistics(x.float(), w.float(), params.map(lambda t: t.float()), "full")
+    assert sent == [1]  # row 1 alone
+    sent.clear()
+    stats.quadratic_statistics(x, w, params, "full")  # float64: no cancellation guard
+    assert sent == []
+    huge = params._replace(prec_chol=params.prec_chol * torch.tensor([1.0, 1.0, 1e120], dtype=torch.float64)[:, None, None, None])
+    stats.quadratic_statistics(x, w, huge, "full")  # row 2's peak density (log ~830) cannot be exponentiated
+    assert sent == [1]

@@ -28,6 +28,8 @@ __all__ = [
     "joint_log_prob_and_diff",
     "univariate_coefficients",
     "univariate_quadratic",
+    "quadratic_coefficients",
+    "quadratic_features",
     "whitened",
     "component_log_prob",
     "log_prob",
@@ -102,6 +104,39 @@ def univariate_coefficients(params: GMMParams, covariance_type: str | Covariance
 def _quadratic(peak: Tensor, mu: Tensor, half_q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``peak - half_q (x - mu)^2`` as the coefficients of ``1, x, x^2``."""
     return peak - half_q * mu.square(), 2 * half_q * mu, -half_q
+
+
+def quadratic_features(x_t: Tensor) -> Tensor:
+    """The points' quadratic features ``[1, x_1..x_D, x_i x_j (i <= j)]``, ``(G, F, N)`` with
+    ``F = 1 + D + D (D + 1) / 2``, for ``x_t (G, D, N)`` (points contiguous)."""
+    g, d, n = x_t.shape
+    i, j = torch.triu_indices(d, d, device=x_t.device)
+    feats = x_t.new_empty(g, 1 + d + len(i), n)
+    feats[:, 0] = 1
+    feats[:, 1:1 + d] = x_t
+    torch.mul(x_t[:, i], x_t[:, j], out=feats[:, 1 + d:])
+    return feats
+
+
+def quadratic_coefficients(params: GMMParams, covariance_type: str | Covariance) -> Tensor:
+    """For full and tied covariances the joint log-probability as a quadratic in ``x``: its
+    coefficients against :func:`quadratic_features`, ``(*B, K, F)``.
+
+    The same terms as :func:`joint_log_prob_and_diff`: ``joint_k = peak_k - (x - mu_k)^T P_k (x -
+    mu_k) / 2`` with ``P_k = U_k U_k^T`` (the whitener of the Mahalanobis term), so the constant
+    is ``peak_k - mu^T P mu / 2``, the linear ones ``P mu``, the square ones ``-P_ii / 2`` and the
+    cross ones ``-P_ij``. :func:`univariate_coefficients` is its ``D = 1`` case (for every
+    covariance type). Exact in float64; in float32 the expansion loses about ``eps |mu|^2 |P|``
+    nats (callers bound it)."""
+    cov = get_covariance(covariance_type)
+    k, d = params.means.shape[-2:]
+    u = cov.whitener(params.prec_chol, k)  # (*B, K, D, D)
+    precision = u @ u.mT
+    p_mu = (precision @ params.means.unsqueeze(-1)).squeeze(-1)  # (*B, K, D)
+    const = _log_peak(params, cov, d) - 0.5 * (params.means * p_mu).sum(-1)
+    i, j = torch.triu_indices(d, d, device=u.device)
+    square = -precision[..., i, j] * torch.where(i == j, 0.5, 1.0).to(u.dtype)
+    return torch.cat([const.unsqueeze(-1), p_mu, square], -1)
 
 
 def univariate_quadratic(log_weights: Tensor, means: Tensor, precisions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
