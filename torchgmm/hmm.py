@@ -531,17 +531,11 @@ class GaussianHMM(GaussianAttributes, nn.Module):
         save(self, path)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # An unfitted model has no parameter tensors yet: create them with the saved shapes.
-        for name in _PARAMETERS + _BUFFERS:
-            key = prefix + name
-            if key in state_dict and getattr(self, name) is None:
-                value = torch.empty_like(state_dict[key])
-                setattr(self, name, nn.Parameter(value) if name in _PARAMETERS else value)
-        loc, raw = state_dict.get(prefix + "loc"), state_dict.get(prefix + "prec_chol_raw")
+        saved = self._saved_components(state_dict, prefix, _PARAMETERS, _BUFFERS)
         trans = state_dict.get(prefix + "transmat_logits")
-        if loc is not None and raw is not None:
+        if saved is not None:
+            loc, raw, expected = saved
             k, d = loc.shape[-2:]
-            expected = tuple(loc.shape[:-2]) + self._cov.prec_chol_shape(k, d)
             if k != self.n_components or tuple(raw.shape) != expected or (
                     trans is not None and tuple(trans.shape) != tuple(loc.shape[:-2]) + (k, k)):
                 raise ValueError(

@@ -79,6 +79,20 @@ class GaussianAttributes:
     def _cov(self) -> Covariance:
         return get_covariance(self.covariance_type)
 
+    def _saved_components(self, state_dict, prefix: str, parameters: tuple, buffers: tuple):
+        """Before loading ``state_dict``: an unfitted model has no parameter tensors yet, so the
+        ``parameters`` and ``buffers`` it holds are created with the saved shapes. Returns the saved
+        ``(loc, prec_chol_raw, expected shape of prec_chol_raw for loc)``, or None without them."""
+        for name in parameters + buffers:
+            key = prefix + name
+            if key in state_dict and getattr(self, name) is None:
+                value = torch.empty_like(state_dict[key])
+                setattr(self, name, nn.Parameter(value) if name in parameters else value)
+        loc, raw = state_dict.get(prefix + "loc"), state_dict.get(prefix + "prec_chol_raw")
+        if loc is None or raw is None:
+            return None
+        return loc, raw, tuple(loc.shape[:-2]) + self._cov.prec_chol_shape(*loc.shape[-2:])
+
     @property
     def batch_shape(self) -> torch.Size:
         self._check_fitted()
@@ -391,16 +405,10 @@ class GaussianMixture(GaussianAttributes, nn.Module):
         return self._detached().log_weights.exp()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # An unfitted model has no parameter tensors yet: create them with the saved shapes.
-        for name in _PARAMETERS + _BUFFERS:
-            key = prefix + name
-            if key in state_dict and getattr(self, name) is None:
-                value = torch.empty_like(state_dict[key])
-                setattr(self, name, nn.Parameter(value) if name in _PARAMETERS else value)
-        loc, raw = state_dict.get(prefix + "loc"), state_dict.get(prefix + "prec_chol_raw")
-        if loc is not None and raw is not None:
+        saved = self._saved_components(state_dict, prefix, _PARAMETERS, _BUFFERS)
+        if saved is not None:
+            loc, raw, expected = saved
             k, d = loc.shape[-2:]
-            expected = tuple(loc.shape[:-2]) + self._cov.prec_chol_shape(k, d)
             k_model = max(self.n_components) if isinstance(self.n_components, (list, tuple, range)) else self.n_components
             if k != k_model or tuple(raw.shape) != expected:
                 raise ValueError(
