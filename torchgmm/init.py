@@ -465,15 +465,8 @@ def _start(
     not all be distinct points). ``line``: ``x`` sorted (univariate data), for Lloyd steps without
     a pass over the points.
 
-    - ``kmeans``: k-means++ seeds, Lloyd iterations, then the M-step of the hard partition
-      (scikit-learn's default, batched).
-    - ``k-means++`` / ``random_from_data``: seed points (greedy D^2-weighted / uniform among
-      distinct points), then the M-step of the partition into nearest-seed cells (one Lloyd
-      assignment). scikit-learn instead starts from the bare seeds with covariances of size
-      ``reg_covar``; its first E-step is then the same nearest-seed assignment, but with equal
-      weights.
-    - ``random``: the M-step of uniform random responsibilities, as in scikit-learn.
-    """
+    The plain start of each name, as :func:`initialize` lists them (``kmeans`` here is always
+    k-means++ seeds, up to 5 Lloyd steps and the M-step of the hard partition)."""
     cov = get_covariance(covariance_type)
     reg = reg_covar.unsqueeze(-1)  # (B, 1): broadcasts over restarts
     if init_params == "random":

@@ -106,8 +106,8 @@ LOAD_SAMPLES, LOAD_SAMPLE_GAP = 5, 1e-3
 def intra_op_threads(work: float, device: torch.device) -> int:
     """Intra-op threads for a fit whose pass touches ``work`` point-components: one below
     ``SERIAL_WORK``; else torch's setting, lowered (for fits of at least ``PARALLEL_WORK``) to the
-    cores no other process is running on
-    now (the runnable count of ``/proc/loadavg``). Two threads on two cores of which another process holds
+    cores no other process held over a few milliseconds (the fewest other runnable tasks in
+    ``LOAD_SAMPLES`` samples of ``/proc/loadavg``). Two threads on two cores of which another process holds
     one wait for the descheduled thread at every kernel's join: measured 3-20x slower than one
     thread on the W1 batch, while one thread slows only as much as scikit-learn's one thread.
     Never raises torch's setting (``torch.set_num_threads`` caps it)."""

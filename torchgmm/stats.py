@@ -224,7 +224,7 @@ QUADRATIC_MAX_FEATURES = 8
 
 
 def _peak_limit(dtype: torch.dtype) -> float:
-    """Joint log-probabilities the expanded forms may exponentiate without a shift (10 nats below
+    """Joint log-probabilities the quadratic form may exponentiate without a shift (10 nats below
     the largest finite exponential)."""
     return math.log(torch.finfo(dtype).max) - 10.0
 
