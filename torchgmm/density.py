@@ -110,11 +110,13 @@ def quadratic_features(x_t: Tensor) -> Tensor:
     """The points' quadratic features ``[1, x_1..x_D, x_i x_j (i <= j)]``, ``(G, F, N)`` with
     ``F = 1 + D + D (D + 1) / 2``, for ``x_t (G, D, N)`` (points contiguous)."""
     g, d, n = x_t.shape
-    i, j = torch.triu_indices(d, d, device=x_t.device)
-    feats = x_t.new_empty(g, 1 + d + len(i), n)
+    feats = x_t.new_empty(g, 1 + d + d * (d + 1) // 2, n)
     feats[:, 0] = 1
     feats[:, 1:1 + d] = x_t
-    torch.mul(x_t[:, i], x_t[:, j], out=feats[:, 1 + d:])
+    row = 1 + d
+    for i in range(d):  # x_i x_j for j >= i: one broadcast product per i (an index gather: 19x slower)
+        torch.mul(feats[:, 1 + i:2 + i], feats[:, 1 + i:1 + d], out=feats[:, row:row + d - i])
+        row += d - i
     return feats
 
 

@@ -324,17 +324,17 @@ def whitened_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_type
 def fast_e_step_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Stats:
     """The eager E-step with statistics: :func:`univariate_statistics` for univariate data; for
     full and tied covariances when the products are large enough for BLAS,
-    :func:`quadratic_statistics` where restarts share their series' points (the features are
-    built once for all of them; per member, W2's compacted iterations, building them cost more
-    than they save: measured 1.5-2x slower there) and up to ``QUADRATIC_MAX_FEATURES`` features,
-    else :func:`whitened_statistics`; otherwise :func:`e_step_statistics`."""
+    :func:`quadratic_statistics` up to ``QUADRATIC_MAX_FEATURES`` features (where restarts share
+    their series' points the features serve all of them; per member, W2's compacted iterations,
+    still 2-3x faster than the whitened form), else :func:`whitened_statistics`; otherwise
+    :func:`e_step_statistics`."""
     if x.shape[-1] == 1:
         return univariate_statistics(x, w, params, covariance_type)
     cov = get_covariance(covariance_type)
     if cov.whitener(params.prec_chol, 1) is not None:
         work = params.log_weights.numel() * x.shape[-2] * x.shape[-1] ** 2
         if work >= _BLAS_MIN_WORK:
-            if x.shape[-1] <= QUADRATIC_MAX_FEATURES and _fold(x, w, params.log_weights.shape[:-1])[3] > 1:
+            if x.shape[-1] <= QUADRATIC_MAX_FEATURES:
                 return quadratic_statistics(x, w, params, cov)
             return whitened_statistics(x, w, params, cov)
     return e_step_statistics(x, w, params, cov)
