@@ -205,3 +205,25 @@ def test_the_fast_series_sort_is_torchs_stable_sort():
         values, order = _sort_series(t)
         expected = torch.sort(t, dim=-1, stable=True)
         assert torch.equal(order, expected.indices) and torch.equal(values, expected.values)
+
+
+@pytest.mark.parametrize("k", [5, 300])
+def test_multivariate_kmeans_assignment_is_the_nearest_center_with_ties_to_the_first(k):
+    """The restarts-sharing assignment (distances one product per series, the nearest by reductions
+    over K, ranks as bytes; K >= 256 the plain argmin) against exact distances of integer points:
+    ties (equal centers, points halfway) go to the lowest index, weights weigh the cells."""
+    from torchgmm.init import kmeans_assign
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (2, 1, 60, 3), generator=gen).double()
+    w = torch.randint(0, 3, (2, 1, 60), generator=gen).double()
+    centers = torch.randint(-3, 4, (2, 2, k, 3), generator=gen).double()
+    centers[:, :, 1] = centers[:, :, 0]  # an equal pair: the second never gets a point
+    labels, sums, counts = kmeans_assign(x, w, centers)
+    exact = (x.unsqueeze(-3) - centers.unsqueeze(-2)).square().sum(-1)  # (2, 2, K, 60)
+    first = exact.argmin(-2)  # torch's argmin: the first minimum
+    assert torch.equal(labels, first) and bool((labels != 1).all())
+    onehot = torch.nn.functional.one_hot(first, k).double().mT * w.unsqueeze(-2)  # (2, 2, K, 60)
+    assert torch.equal(counts.squeeze(-1), onehot.sum(-1))
+    torch.testing.assert_close(sums, onehot @ x, rtol=0, atol=1e-12)
+    assert len(set(exact.amin(-2).flatten().tolist())) < 60  # ties were there to break

@@ -117,6 +117,7 @@ class Covariance:
     name: str = ""
     precision_constraint: str = "positive"  # what valid_precision asks of a precision, for messages
     component_axis: Optional[int] = None  # the axis of prec_chol that indexes components (None: shared)
+    matrix_scatter: bool = False  # scatter() is (*B, K, D, D): full and tied
 
     # -- shapes and counting -------------------------------------------------------------
     def prec_chol_shape(self, n_components: int, n_features: int) -> tuple[int, ...]:
@@ -248,6 +249,7 @@ class Covariance:
 class Full(Covariance):
     name = "full"
     component_axis = -3
+    matrix_scatter = True
     precision_constraint = "symmetric positive definite"
 
     def prec_chol_shape(self, n_components, n_features):

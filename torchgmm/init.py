@@ -110,7 +110,9 @@ def _squared_distances(x: Tensor, c: Tensor) -> Tensor:
         return (xb - c.unsqueeze(-2)).square().sum(-1)
     x_sq = xb.square().sum(-1)  # (B, 1, 1, N)
     c_sq = c.square().sum(-1, keepdim=True)  # (B, R, L, 1)
-    d2 = x_sq + c_sq - 2 * (c @ x.mT.unsqueeze(1))  # (B, R, L, D) @ (B, 1, D, N)
+    b, r, ell, d = c.shape
+    cross = torch.bmm(c.reshape(b, r * ell, d), x.mT).view(b, r, ell, -1)  # one product per series, all restarts
+    d2 = x_sq + c_sq - 2 * cross
     noise = 100 * torch.finfo(x.dtype).eps * (x_sq + c_sq)
     return torch.where(d2 <= noise, torch.zeros((), dtype=x.dtype, device=x.device), d2)
 
@@ -211,12 +213,43 @@ def _kmeans_assign_univariate(x: Tensor, w: Tensor, centers: Tensor, features: O
     return labels.transpose(1, 2), moments[..., 1:], moments[..., :1]
 
 
+def _shared_features(x: Tensor, w: Tensor, n_components: int) -> tuple[Tensor, ...]:
+    """What :func:`_kmeans_assign_shared` needs of the points ``x (B, 1, N, D)``, ``w (B, 1, N)``
+    whatever the centers: the points ``(B, N, D)`` and transposed ``(B, D, N)`` (contiguous), the
+    weights ``(B, 1, 1, N)`` and the component ranks from the last, ``K - k`` as bytes ``(K, 1)``."""
+    x0 = x[:, 0]
+    return (x0, x0.mT.contiguous(), w[:, :, None],
+            (n_components - torch.arange(n_components, device=x.device)).to(torch.uint8).unsqueeze(-1))
+
+
+def _kmeans_assign_shared(x: Tensor, w: Tensor, centers: Tensor, features: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`kmeans_assign` for ``D >= 2`` (eager, ``K < 256``) with the restarts sharing the
+    points: the distances of all restarts one product per series ``(B, R K, N)``, the nearest
+    center by reductions over K (not the innermost axis: torch's ``argmin`` there, or over a
+    K-sized last axis, is 10-300x slower), ties to the first center (ranks ``K - k`` as bytes: the
+    largest rank among the nearest), the cells' sums one product of the weighted one-hot rows
+    with the points. ``features``: :func:`_shared_features` of the points."""
+    b, r, k, d = centers.shape
+    x0, x_t, w_cells, rank = _shared_features(x, w, k) if features is None else features
+    n = x_t.shape[-1]
+    c = centers.reshape(b, r * k, d)
+    d2 = torch.baddbmm(c.square().sum(-1, keepdim=True), c, x_t, alpha=-2).view(b, r, k, n)  # |x|^2 omitted
+    nearest = (d2 == d2.amin(-2, keepdim=True)).to(torch.uint8).mul_(rank)  # (B, R, K, N): rank where nearest
+    top = nearest.amax(-2, keepdim=True)  # (B, R, 1, N): the first nearest center's rank
+    onehot = (nearest == top).to(x.dtype).mul_(w_cells)  # (B, R, K, N), weighted
+    sums = torch.bmm(onehot.view(b, r * k, n), x0).view(b, r, k, d)
+    return (k - top.squeeze(-2)).long(), sums, onehot.sum(-1, keepdim=True)
+
+
 def kmeans_assign(x: Tensor, w: Tensor, centers: Tensor, features: Optional[tuple] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Nearest-center labels ``(B, R, N)`` of ``x (B, 1, N, D)`` (weights ``w (B, 1, N)``) and the
     weighted sums ``(B, R, K, D)`` and counts ``(B, R, K, 1)`` of each cell: additive over chunks
-    of points. ``features``: univariate data's :func:`_univariate_features` (eager), or None."""
-    if x.shape[-1] == 1 and x.dim() == 4 and not torch.compiler.is_compiling():
-        return _kmeans_assign_univariate(x, w, centers, features)
+    of points. ``features``: :func:`_point_parts`' features of the points (eager), or None."""
+    if x.dim() == 4 and x.shape[-3] == 1 and not torch.compiler.is_compiling():
+        if x.shape[-1] == 1:
+            return _kmeans_assign_univariate(x, w, centers, features)
+        if centers.shape[-2] < 256:
+            return _kmeans_assign_shared(x, w, centers, features)
     # Squared distances with K last: argmin over the contiguous axis is fast.
     d2 = matmul(x, centers.mT) * -2 + centers.square().sum(-1).unsqueeze(-2)  # (B, R, N, K); |x|^2 omitted
     labels = d2.argmin(-1)  # (B, R, N)
@@ -226,11 +259,14 @@ def kmeans_assign(x: Tensor, w: Tensor, centers: Tensor, features: Optional[tupl
 
 def _point_parts(x: Tensor, w: Tensor, n_components: int, chunk_size: Optional[int], compile: bool = False) -> list:
     """The chunks of points of a Lloyd pass, ``(x (B, 1, n, D), w (B, 1, n), features)`` each (one
-    chunk: the data itself), with univariate data's :func:`_univariate_features` when eager."""
+    chunk: the data itself), with :func:`kmeans_assign`'s features of the points when eager
+    (:func:`_univariate_features`, :func:`_shared_features`)."""
     slices = point_chunks(x.shape[-2], chunk_size)
     pairs = [(x, w)] if len(slices) == 1 else [(x[..., part, :], w[..., part]) for part in slices]
-    univariate = x.shape[-1] == 1 and not compile
-    return [(xc, wc, _univariate_features(xc, wc, n_components) if univariate else None) for xc, wc in pairs]
+    if compile or n_components >= 256:
+        return [(xc, wc, None) for xc, wc in pairs]
+    features = _univariate_features if x.shape[-1] == 1 else _shared_features
+    return [(xc, wc, features(xc, wc, n_components)) for xc, wc in pairs]
 
 
 def kmeans_step(x: Tensor, w: Tensor, centers: Tensor, chunk_size: Optional[int] = None, assign=kmeans_assign,
