@@ -5,6 +5,8 @@ k-means assignment's ties, one intra-op thread for tiny problems."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -211,3 +213,41 @@ def test_thread_rule_counts_the_fewest_other_processes_over_a_few_samples(monkey
         assert plan.intra_op_threads(plan.PARALLEL_WORK, torch.device("cpu")) == expected
     finally:
         torch.set_num_threads(before)
+
+
+def _page_faults_of(allocate) -> int:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    allocate()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_tuned_allocator_keeps_freed_blocks_instead_of_faulting_them_in_again(monkeypatch):
+    """A 40 MB block is above glibc's largest automatic mmap threshold (32 MB): untuned, every
+    allocation maps fresh pages (about 10,000 faults); tuned, the second one reuses the heap."""
+    from torchgmm import plan
+
+    monkeypatch.delenv("TORCHGMM_TUNE_MALLOC", raising=False)
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setitem(plan._allocator, "tuned", None)
+    if not plan.tune_allocator():
+        pytest.skip("not glibc")
+    assert plan.tune_allocator()  # once: the answer is kept
+    torch.empty(10 << 20).fill_(1.0)  # 40 MB onto the heap
+    assert _page_faults_of(lambda: torch.empty(10 << 20).fill_(1.0)) < 1000
+
+
+@pytest.mark.parametrize("env", [{"TORCHGMM_TUNE_MALLOC": "0"}, {"MALLOC_TRIM_THRESHOLD_": "1000000"}])
+def test_the_allocator_is_left_alone_when_asked_or_set_by_the_user(monkeypatch, env):
+    import ctypes
+
+    from torchgmm import plan
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setitem(plan._allocator, "tuned", None)
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a: pytest.fail("mallopt was called"))
+    assert plan.tune_allocator() is False

@@ -31,7 +31,7 @@ from .init import INIT_METHODS, block_series, initialize, make_generator
 from .em import UnivariateEMRule
 from .loop import Members, run_members
 from .methods import EM, as_method, method_settings
-from .plan import DEFAULT_MEMORY_BUDGET, Plan, check_memory, intra_op_threads, make_plan, threads
+from .plan import DEFAULT_MEMORY_BUDGET, Plan, check_memory, intra_op_threads, make_plan, threads, tune_allocator
 from .result import FitResult, FitWarning
 from .units import Scaling, standardize
 
@@ -337,6 +337,8 @@ def fit(
     # The threads are chosen before the validation's passes over the data, which would otherwise
     # run on torch's setting (on a busy machine: two threads waiting for one core, 0.1 s on W2).
     X = validation.to_tensor(X, "X")
+    if X.device.type == "cpu" and (device is None or torch.device(device).type == "cpu"):
+        tune_allocator()
     n_threads = intra_op_threads(float(X.numel()) * n_restarts * k, torch.device(device) if device is not None else X.device)
     with threads(n_threads):
         data = prepare(X, sample_weight, min(candidates) if candidates else k, nan_policy, dtype, device, n_features)
