@@ -725,10 +725,13 @@ def test_row41_blocks_and_chunks_bound_the_working_set_whatever_n(n_restarts, k,
     chunk, members = plan_module.blocking(1000, n_restarts, k, n, d, itemsize, budget, None, torch.device("cpu"))
     points = chunk or n
     block_bytes = min(plan_module.BLOCK_BYTES, budget)
+    chunk_bytes = min(plan_module.CHUNK_BYTES, budget)
     per_point = k * (d + 2) * itemsize
     row_bytes = n_restarts * per_point * n
-    assert (chunk is None) == (row_bytes <= block_bytes)
-    floor = plan_module.MIN_CHUNK if block_bytes == plan_module.BLOCK_BYTES else 1
+    assert (chunk is None) == (row_bytes <= chunk_bytes)
+    if chunk is not None:
+        assert n_restarts * per_point * chunk <= max(chunk_bytes, n_restarts * per_point * plan_module.MIN_CHUNK)
+    floor = plan_module.MIN_CHUNK if chunk_bytes == plan_module.CHUNK_BYTES else 1
     assert members * per_point * points <= max(block_bytes, n_restarts * per_point * floor)
     assert members >= 1 and (chunk is None or chunk >= floor)
     if chunk is None:  # whole rows per block, as many as fit
