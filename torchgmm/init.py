@@ -108,13 +108,12 @@ def _squared_distances(x: Tensor, c: Tensor) -> Tensor:
     xb = x.unsqueeze(1).unsqueeze(1)  # (B, 1, 1, N, D)
     if x.shape[-1] <= 2:
         return (xb - c.unsqueeze(-2)).square().sum(-1)
+    b, r, ell, d = c.shape
     x_sq = xb.square().sum(-1)  # (B, 1, 1, N)
     c_sq = c.square().sum(-1, keepdim=True)  # (B, R, L, 1)
-    b, r, ell, d = c.shape
-    cross = torch.bmm(c.reshape(b, r * ell, d), x.mT).view(b, r, ell, -1)  # one product per series, all restarts
-    d2 = x_sq + c_sq - 2 * cross
-    noise = 100 * torch.finfo(x.dtype).eps * (x_sq + c_sq)
-    return torch.where(d2 <= noise, torch.zeros((), dtype=x.dtype, device=x.device), d2)
+    # |c|^2 - 2 c.x: one product per series for all restarts' candidates
+    d2 = torch.baddbmm(c_sq.view(b, r * ell, 1), c.reshape(b, r * ell, d), x.mT, alpha=-2).view(b, r, ell, -1).add_(x_sq)
+    return d2.masked_fill_(d2 <= (x_sq + c_sq).mul_(100 * torch.finfo(x.dtype).eps), 0.0)
 
 
 def greedy_trials(n_components: int) -> int:
