@@ -362,8 +362,8 @@ def _mixed_batch():
 @pytest.mark.parametrize("form", ["whitened_statistics", "quadratic_statistics"])
 def test_whitened_statistics_fall_back_per_row_in_a_mixed_batch(form):
     """Only the rows (series with their restarts) whose product would cancel digits take the
-    difference form (the quadratic form: through the whitened one); the others keep the fast
-    path; all rows match the float64 reference."""
+    difference form (the quadratic form: a shift about the tight component instead); the others
+    keep the fast path; all rows match the float64 reference, the tight row with its digits."""
     import torchgmm.stats as stats
     from torchgmm.stats import e_step_statistics
 
@@ -414,19 +414,28 @@ def test_quadratic_coefficients_reduce_to_the_univariate_ones_and_give_the_joint
     torch.testing.assert_close(quadratic_coefficients(one, "full"), univariate_coefficients(one, "full"), rtol=1e-14, atol=0)
 
 
-def test_quadratic_statistics_send_rows_that_would_cancel_or_overflow_to_the_whitened_form(monkeypatch):
-    """float32 rows whose expansion would cancel digits (mu^T P mu / 2 beyond the limit) and rows
-    with a density too high to exponentiate take whitened_statistics; the other rows stay."""
+def test_quadratic_statistics_shift_rows_that_would_cancel_and_send_the_rest_to_the_whitened_form(monkeypatch):
+    """float32 rows whose expansion would cancel digits (mu^T P mu / 2 beyond the limit) are taken
+    about the mean of their least safe component (same numbers: test above); a row with two such
+    components apart, and rows with a density too high to exponentiate, take whitened_statistics;
+    the other rows stay."""
     import torchgmm.stats as stats
+    from torchgmm.stats import e_step_statistics
 
     sent = []
     real = stats.whitened_statistics
     monkeypatch.setattr(stats, "whitened_statistics", lambda x, *a: sent.append(x.shape[0]) or real(x, *a))
     x, w, params = _mixed_batch()
     stats.quadratic_statistics(x.float(), w.float(), params.map(lambda t: t.float()), "full")
+    assert sent == []  # row 1 shifted to its tight component
+    apart = params._replace(means=params.means.clone())
+    apart.means[1, 1] = -apart.means[1, 1]  # row 1: its two tight components on either side of 0
+    fast = stats.quadratic_statistics(x.float(), w.float(), apart.map(lambda t: t.float()), "full")
     assert sent == [1]  # row 1 alone
+    for a, b in zip(fast, e_step_statistics(x, w, apart, "full")):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
     sent.clear()
-    stats.quadratic_statistics(x, w, params, "full")  # float64: no cancellation guard
+    stats.quadratic_statistics(x, w, apart, "full")  # float64: no cancellation guard
     assert sent == []
     huge = params._replace(prec_chol=params.prec_chol * torch.tensor([1.0, 1.0, 1e120], dtype=torch.float64)[:, None, None, None])
     stats.quadratic_statistics(x, w, huge, "full")  # row 2's peak density (log ~830) cannot be exponentiated

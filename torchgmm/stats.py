@@ -184,28 +184,38 @@ def quadratic_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_typ
     are the weighted responsibilities times the same features, mapped to the shifted statistics
     about the current means. ``F = 1 + D + D (D + 1) / 2`` numbers per point and component instead
     of the whitened form's ``2 D^2``, in wide products. As :func:`univariate_statistics` (its
-    ``D = 1`` case): float32 rows whose expansion would cancel more than ``_FLOAT32_EXPANSION_LIMIT``
-    nats (``mu^T P mu / 2``, the univariate ``q mu^2 / 2``: near the component, in the joint and in
-    the scatter about it, the rounding is ``eps`` times that in whitened units), and rows with a
-    component whose peak density could overflow an exponential, take :func:`whitened_statistics`
-    (:func:`_rows_apart`)."""
+    ``D = 1`` case): in float32 the expansion cancels ``mu^T P mu / 2`` nats (the univariate
+    ``q mu^2 / 2``: near the component, in the joint and in the scatter about it, the rounding is
+    ``eps`` times that in whitened units); where that exceeds ``_FLOAT32_EXPANSION_LIMIT`` for some
+    component (a tight one far from the series' centre), the row's points and means are taken about
+    the mean of its least safe component (:func:`_row_shift`: the same numbers, shifted), and rows
+    still beyond the limit (two such components apart), or with a component whose peak density
+    could overflow an exponential, take :func:`whitened_statistics` (:func:`_rows_apart`)."""
     cov = get_covariance(covariance_type)
     lead, (k, d), n = params.means.shape[:-2], params.means.shape[-2:], x.shape[-2]
+    outer, xf, wf, r = _fold(x, w, lead)
+    g = outer.numel()  # rows of the products: (G, R K, ...)
     coef = quadratic_coefficients(params, cov)  # (*L, K, F)
     unsafe = ~(_log_peak(params, cov, d) < _peak_limit(x.dtype))  # a density too high to exponentiate
+    shift, mu = None, params.means
     if x.dtype != torch.float64:  # the cancelled terms: mu^T P mu / 2 (P mu is the linear coefficient)
-        unsafe |= ~(0.5 * (params.means * coef[..., 1:1 + d]).sum(-1) < _FLOAT32_EXPANSION_LIMIT)
+        cancel = 0.5 * (mu * coef[..., 1:1 + d]).sum(-1)  # (*L, K)
+        if not bool((cancel < _FLOAT32_EXPANSION_LIMIT).all()):
+            # each row about the mean of its least safe component (a tight component far from the
+            # series' centre then cancels nothing); rows still beyond the limit go apart below
+            shift, mu = _row_shift(cancel, mu, outer, r, k)
+            coef = quadratic_coefficients(params._replace(means=mu), cov)
+            cancel = 0.5 * (mu * coef[..., 1:1 + d]).sum(-1)
+        unsafe = unsafe | ~(cancel < _FLOAT32_EXPANSION_LIMIT)
     if bool(unsafe.any()):
         return _rows_apart(unsafe, x, w, params, lambda *a: quadratic_statistics(*a, cov),
                            lambda *a: whitened_statistics(*a, cov))
-    outer, xf, wf, r = _fold(x, w, lead)
-    g = outer.numel()
-    feats = quadratic_features(xf.expand(*outer, n, d).reshape(g, n, d).mT)  # (G, F, N)
+    xg = xf.expand(*outer, n, d).reshape(g, n, d)
+    feats = quadratic_features((xg if shift is None else xg - shift.unsqueeze(-2)).mT)  # (G, F, N)
     coef = _as_rows(coef, outer, r, k, 1)  # (G, R K, F)
     moments, log_lik = _expanded_pass(lambda: torch.bmm(coef, feats), feats, wf.expand(*outer, n).reshape(g, 1, n), r, k)
     moments, log_lik = _from_rows(moments, outer, r, k, 1), _from_rows(log_lik, outer, r, None, 0)  # (*L, K, F), (*L)
-    nk, s1, s2 = _quadratic_sums(moments, d)
-    mu = params.means
+    nk, s1, s2 = _quadratic_sums(moments, d)  # of r [1, y, y y^T], y = x - shift; mu shifted alike
     sum_diff = s1 - nk.unsqueeze(-1) * mu
     # about the current means: sum r (x - mu)(x - mu)^T = S2 - s1 mu^T - mu s1^T + nk mu mu^T
     cross = s1.unsqueeze(-1) * mu.unsqueeze(-2)
@@ -221,6 +231,19 @@ def _quadratic_sums(moments: Tensor, d: int) -> tuple[Tensor, Tensor, Tensor]:
     s2[..., i, j] = moments[..., 1 + d:]
     s2[..., j, i] = moments[..., 1 + d:]
     return moments[..., 0], moments[..., 1:1 + d], s2
+
+
+def _row_shift(cancel: Tensor, mu: Tensor, outer: torch.Size, r: int, k: int) -> tuple[Tensor, Tensor]:
+    """Per row of the products (see :func:`_fold`) the mean of its component whose expansion
+    cancels most, ``cancel (*L, K)``, where that is beyond ``_FLOAT32_EXPANSION_LIMIT`` (else 0):
+    ``(shift (G, D), mu - shift)``, the means in the shifted coordinates."""
+    g, d = outer.numel(), mu.shape[-1]
+    row_cancel = _as_rows(cancel, outer, r, k, 0).reshape(g, r * k)
+    row_mu = _as_rows(mu, outer, r, k, 1).reshape(g, r * k, d)
+    worst = row_cancel.argmax(-1, keepdim=True)  # (G, 1); NaN counts as the largest
+    shift = torch.gather(row_mu, 1, worst.unsqueeze(-1).expand(g, 1, d)).squeeze(1)  # (G, D)
+    shift = torch.where((~(row_cancel < _FLOAT32_EXPANSION_LIMIT)).any(-1, keepdim=True), shift, 0.0)
+    return shift, mu - shift.view(*outer, *((1,) if r > 1 else ()), 1, d)
 
 
 #: Features up to which full and tied E-steps may take the quadratic form (:func:`quadratic_statistics`;
