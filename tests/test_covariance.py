@@ -101,6 +101,21 @@ def test_covariance_round_trips_through_the_precision_cholesky_factor(cov_type):
     torch.testing.assert_close(back, covariance, rtol=1e-12, atol=1e-12)
 
 
+def test_the_min_variance_bound_is_below_the_smallest_eigenvalue_and_tight_for_diagonal_types(cov_type):
+    """The bound that lets the result skip the eigenvalues of sound components never exceeds them
+    (a collapsed component still reaches the exact check)."""
+    covariance = random_covariance(cov_type, batch=BATCH, seed=5)
+    cov = get_covariance(cov_type)
+    exact = cov.min_variance(covariance, K)
+    bound = cov.min_variance_bound(prec_chol_of(cov_type, covariance), K)
+    assert bound.shape == exact.shape == BATCH + (K,)
+    assert bool((bound <= exact * (1 + 1e-12)).all())
+    if cov_type in ("diag", "spherical"):
+        torch.testing.assert_close(bound, exact, rtol=1e-12, atol=0)
+    else:
+        assert bool((bound > exact / D - 1e-12).all())  # 1 / trace(P) >= (smallest variance) / D
+
+
 def test_precision_is_the_inverse_of_the_covariance(cov_type):
     covariance = random_covariance(cov_type, batch=BATCH, seed=3)
     cov = get_covariance(cov_type)

@@ -231,6 +231,11 @@ class Covariance:
         """Smallest eigenvalue of each component's covariance, ``(*B, K)``."""
         raise NotImplementedError
 
+    def min_variance_bound(self, prec_chol: Tensor, n_components: int) -> Tensor:
+        """A lower bound of :meth:`min_variance` from the factor alone, ``(*B, K)``: cheap, to skip
+        the eigenvalues of every component it clears. Exact here (diagonal types)."""
+        return self.min_variance(self.covariance_from_prec_chol(prec_chol), n_components)
+
     def rescale(self, prec_chol: Tensor, scale: Tensor) -> Tensor:
         """``prec_chol`` after the data are multiplied by ``scale (*B)``."""
         return prec_chol / scale.reshape(scale.shape + (1,) * (prec_chol.dim() - scale.dim()))
@@ -332,6 +337,10 @@ class Full(Covariance):
             return cov[..., 0, 0]
         return torch.linalg.eigvalsh(cov)[..., 0]
 
+    def min_variance_bound(self, prec_chol, n_components):
+        # 1 / trace(P) <= 1 / (P's largest eigenvalue) = the covariance's smallest, P = U U^T
+        return prec_chol.square().sum((-2, -1)).reciprocal()
+
     def to_unconstrained(self, prec_chol):
         return _triu_to_unconstrained(prec_chol)
 
@@ -388,6 +397,10 @@ class Tied(Full):
 
     def min_variance(self, cov, n_components):
         low = super().min_variance(cov, n_components).unsqueeze(-1)
+        return low.expand(*low.shape[:-1], n_components)
+
+    def min_variance_bound(self, prec_chol, n_components):
+        low = super().min_variance_bound(prec_chol, n_components).unsqueeze(-1)
         return low.expand(*low.shape[:-1], n_components)
 
 

@@ -98,13 +98,20 @@ class FitResult:
         k, d = params_m.means.shape[-2:]
         lb = run.lower_bound.reshape(n_series, n_restarts)  # (B, R)
         failed = run.failed.reshape(n_series, n_restarts)
-        min_var = cov.min_variance(cov.covariance_from_prec_chol(params_m.prec_chol), k)  # (B, R, K)
         # Collapsed: within DEGENERATE_FACTOR x reg_covar, or (float32) within what rounding the
         # component's own mean leaves of a variance, (100 eps (1 + |mu|))^2 in standardized units;
         # not a fixed 100 eps, which flagged narrow but sound float32 components (std < 0.35% of
         # the series' spread: two clusters 100 apart with std 0.1).
         rounding = (100 * torch.finfo(lb.dtype).eps * (1 + params_m.means.norm(dim=-1))).square()  # (B, R, K)
         floor = torch.maximum((DEGENERATE_FACTOR * reg).view(-1, 1, 1), rounding)
+        # the smallest variances, exact for the members with a component the cheap bound does not clear
+        min_var = cov.min_variance_bound(params_m.prec_chol, k)  # (B, R, K)
+        near = (~(min_var > floor)).any(-1).reshape(-1)  # (B R,)
+        if bool(near.any()):
+            idx = near.nonzero().squeeze(-1)
+            factors = params_m.prec_chol.reshape(n_series * n_restarts, *params_m.prec_chol.shape[2:])[idx]
+            exact = cov.min_variance(cov.covariance_from_prec_chol(factors), k)  # (M, K)
+            min_var = min_var.reshape(-1, k).index_copy(0, idx, exact).view(n_series, n_restarts, k)
         degenerate = (min_var <= floor) & ~torch.isneginf(params_m.log_weights)  # (B, R, K)
         score = lb if score is None else score
 
