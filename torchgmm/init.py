@@ -214,10 +214,9 @@ def _kmeans_assign_univariate(x: Tensor, w: Tensor, centers: Tensor, features: O
 
 def _shared_features(x: Tensor, w: Tensor, n_components: int) -> tuple[Tensor, ...]:
     """What :func:`_kmeans_assign_shared` needs of the points ``x (B, 1, N, D)``, ``w (B, 1, N)``
-    whatever the centers: the points ``(B, N, D)`` and transposed ``(B, D, N)`` (contiguous), the
-    weights ``(B, 1, 1, N)`` and the component ranks from the last, ``K - k`` as bytes ``(K, 1)``."""
-    x0 = x[:, 0]
-    return (x0, x0.mT.contiguous(), w[:, :, None],
+    whatever the centers: the points transposed ``(B, D, N)`` (contiguous), the weights ``(B, 1, 1,
+    N)`` and the component ranks from the last, ``K - k`` as bytes ``(K, 1)``."""
+    return (x[:, 0].mT.contiguous(), w[:, :, None],
             (n_components - torch.arange(n_components, device=x.device)).to(torch.uint8).unsqueeze(-1))
 
 
@@ -229,14 +228,14 @@ def _kmeans_assign_shared(x: Tensor, w: Tensor, centers: Tensor, features: tuple
     largest rank among the nearest), the cells' sums one product of the weighted one-hot rows
     with the points. ``features``: :func:`_shared_features` of the points."""
     b, r, k, d = centers.shape
-    x0, x_t, w_cells, rank = _shared_features(x, w, k) if features is None else features
+    x_t, w_cells, rank = _shared_features(x, w, k) if features is None else features
     n = x_t.shape[-1]
     c = centers.reshape(b, r * k, d)
     d2 = torch.baddbmm(c.square().sum(-1, keepdim=True), c, x_t, alpha=-2).view(b, r, k, n)  # |x|^2 omitted
     nearest = (d2 == d2.amin(-2, keepdim=True)).to(torch.uint8).mul_(rank)  # (B, R, K, N): rank where nearest
     top = nearest.amax(-2, keepdim=True)  # (B, R, 1, N): the first nearest center's rank
     onehot = (nearest == top).to(x.dtype).mul_(w_cells)  # (B, R, K, N), weighted
-    sums = torch.bmm(onehot.view(b, r * k, n), x0).view(b, r, k, d)
+    sums = torch.bmm(onehot.view(b, r * k, n), x_t.mT).view(b, r, k, d)  # (x_t.mT: 2x faster than (B, N, D) rows)
     return (k - top.squeeze(-2)).long(), sums, onehot.sum(-1, keepdim=True)
 
 
