@@ -1,7 +1,9 @@
 """Resource planning, in one place: whether to compile, how many points per chunk, how many members
-per block, and whether the fit fits in memory at all.
+per block, how many threads, how the process's allocator keeps freed blocks, and whether the fit
+fits in memory at all.
 
-Pure arithmetic on shapes (and one read of the free memory); no tensors are touched here.
+Arithmetic on shapes, reads of the free memory and the load, and one allocator setting per
+process; no tensors are touched here.
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ def blocking(
 
     The working data of one member for one point is about ``K x (D + 2)`` numbers (``diff`` and
     ``(K,)`` temporaries). On the CPU (``blocked``) a block holds as many whole rows with all
-    their points as fit ``min(BLOCK_BYTES, budget)`` (cache-sized) when a row fits ``min(CHUNK_BYTES,
-    budget)``, otherwise rows with their points in chunks of that size (by default at least
-    ``MIN_CHUNK``, bounding the per-chunk overhead; a smaller ``budget`` is obeyed). On CUDA, or unblocked, all rows form one block (large
-    launches) and only ``budget`` bounds the chunks. Either way the temporaries are bounded
-    whatever B and N. A given ``chunk_size`` is kept.
+    their points as fit ``min(BLOCK_BYTES, budget)`` (cache-sized) when a row fits
+    ``min(CHUNK_BYTES, budget)``, otherwise rows with their points in chunks of that size (by
+    default at least ``MIN_CHUNK``, bounding the per-chunk overhead; a smaller ``budget`` is
+    obeyed). On CUDA, or unblocked, all rows form one block (large launches) and only ``budget``
+    bounds the chunks. Either way the temporaries are bounded whatever B and N. A given
+    ``chunk_size`` is kept.
     """
     if device.type == "cuda" or not blocked:
         block_bytes = chunk_bytes = budget

@@ -355,7 +355,7 @@ def fast_e_step_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_t
     full and tied covariances when the products are large enough for BLAS,
     :func:`quadratic_statistics` up to ``QUADRATIC_MAX_FEATURES`` features (where restarts share
     their series' points the features serve all of them; per member, W2's compacted iterations,
-    still 2-3x faster than the whitened form), else :func:`whitened_statistics`; otherwise
+    still about 2x faster than the whitened form), else :func:`whitened_statistics`; otherwise
     :func:`e_step_statistics`."""
     if x.shape[-1] == 1:
         return univariate_statistics(x, w, params, covariance_type)
