@@ -57,6 +57,16 @@ def tree_where(mask: Tensor, a, b):
     return tree_map(lambda x, y: torch.where(mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim())), x, y), a, b)
 
 
+def _where(mask: Optional[Tensor], a, b):
+    """``torch.where(mask, a, b)``, where a mask of None selects ``a`` everywhere."""
+    return a if mask is None else torch.where(mask, a, b)
+
+
+def _both(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    """``a & b`` of masks where None means all True (None when both are)."""
+    return b if a is None else a if b is None else a & b
+
+
 def all_finite(params: GMMParams, n_lead: int = 1) -> Tensor:
     """Whether every number of each member's parameters is finite (a log-weight may be -inf: a
     masked component), shape of the leading dims."""
@@ -333,46 +343,27 @@ def run_members(
             # (one synchronization: whether every member goes on, else how many)
             nobody_stopped = everyone and bool(still if n_working == 1 else still.all())
             n_still = n_active if nobody_stopped else int(still.sum())
-            if nobody_stopped:
-                # Nobody stopped: every member was good and goes on (no failure, no convergence):
-                # the new states as they are, the bookkeeping without masks.
-                spent = track.spent + (1.0 if s.passes is None else s.passes)
-                record = (it, s.value, spent)
-                state, track, active, n_active, _ = (
-                    s.state,
-                    _Track(
-                        torch.where(torch.isfinite(s.value), s.value, track.lower_bound),
-                        s.value if s.accepted is None else torch.where(s.accepted, s.value, track.reference),
-                        track.n_iter + 1,  # (all active so far: n_iter == it)
-                        track.converged,
-                        track.failed,
-                        spent,
-                    ),
-                    still,
-                    n_still,
-                    pending.append(record),
-                )
-            else:
-                accepted = good if s.accepted is None else good & s.accepted
-                converged_now = good & converges
-                failed_now = active & ~s.ok
-                spent = track.spent + (1.0 if s.passes is None else torch.where(active, s.passes, 0.0))
-                record = (it, torch.where(active, s.value, torch.nan), torch.where(active, spent, torch.nan))
-                # One assignment, so that an interrupt leaves a consistent state.
-                state, track, active, n_active, _ = (
-                    tree_where(good, s.state, state),
-                    _Track(
-                        torch.where(active & torch.isfinite(s.value), s.value, track.lower_bound),
-                        torch.where(accepted, s.value, track.reference),
-                        torch.where(active, it + 1, track.n_iter),
-                        track.converged | converged_now,
-                        track.failed | failed_now,
-                        spent,
-                    ),
-                    still,
-                    n_still,
-                    pending.append(record),
-                )
+            # Nobody stopped (every member was good and goes on: no failure, no convergence): the
+            # new states as they are and the bookkeeping without masks (None); else masked.
+            act, took = (None, None) if nobody_stopped else (active, good)
+            accepted = _both(took, s.accepted)
+            spent = track.spent + (1.0 if s.passes is None else _where(act, s.passes, 0.0))
+            record = (it, _where(act, s.value, torch.nan), _where(act, spent, torch.nan))
+            # One assignment, so that an interrupt leaves a consistent state.
+            state, track, active, n_active, _ = (
+                s.state if took is None else tree_where(took, s.state, state),
+                _Track(
+                    torch.where(_both(act, torch.isfinite(s.value)), s.value, track.lower_bound),
+                    _where(accepted, s.value, track.reference),
+                    track.n_iter + 1 if act is None else torch.where(act, it + 1, track.n_iter),  # (all active: n_iter == it)
+                    track.converged if took is None else track.converged | (took & converges),
+                    track.failed if act is None else track.failed | (act & ~s.ok),
+                    spent,
+                ),
+                still,
+                n_still,
+                pending.append(record),
+            )
             elapsed.append(time.perf_counter() - clock)
             if progress is not None:
                 progress(it + 1, int(active.sum()), float(s.value[active].mean()) if bool(active.any()) else float("nan"))
