@@ -337,9 +337,9 @@ def fit(
     # The threads are chosen before the validation's passes over the data, which would otherwise
     # run on torch's setting (on a busy machine: two threads waiting for one core, 0.1 s on W2).
     X = validation.to_tensor(X, "X")
-    if X.device.type == "cpu" and (device is None or torch.device(device).type == "cpu"):
-        tune_allocator()
-    n_threads = intra_op_threads(float(X.numel()) * n_restarts * k, torch.device(device) if device is not None else X.device)
+    target = torch.device(device) if device is not None else X.device  # where the fit runs
+    tune_allocator(target)
+    n_threads = intra_op_threads(float(X.numel()) * n_restarts * k, target)
     with threads(n_threads):
         data = prepare(X, sample_weight, min(candidates) if candidates else k, nan_policy, dtype, device, n_features)
     (n_series, n, d), itemsize, dev = data.x.shape, data.x.element_size(), data.x.device

@@ -175,13 +175,16 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (ma
 _allocator = {"tuned": None}  # None: not tried yet; then whether the settings were made
 
 
-def tune_allocator() -> bool:
-    """Set glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (``MALLOC_MMAP_THRESHOLD``,
-    ``MALLOC_TRIM_THRESHOLD``) once per process, on Linux with glibc; whether they are set. A
+def tune_allocator(device: torch.device = torch.device("cpu")) -> bool:
+    """For a fit on ``device``: set glibc's ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``
+    (``MALLOC_MMAP_THRESHOLD``, ``MALLOC_TRIM_THRESHOLD``) once per process, on the CPU under Linux
+    with glibc; whether they are set (nothing happens for another device). A
     process-wide setting, like glibc's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
     environment variables: it is left alone when either of those is set, or when
     ``TORCHGMM_TUNE_MALLOC=0``. Its cost: up to ``MALLOC_TRIM_THRESHOLD`` of freed memory stays
     with the process instead of returning to the system."""
+    if device.type != "cpu":
+        return False
     if _allocator["tuned"] is not None:
         return _allocator["tuned"]
     _allocator["tuned"] = False
