@@ -198,14 +198,17 @@ def quadratic_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_typ
     coef = quadratic_coefficients(params, cov)  # (*L, K, F)
     unsafe = ~(_log_peak(params, cov, d) < _peak_limit(x.dtype))  # a density too high to exponentiate
     shift, mu = None, params.means
-    if x.dtype != torch.float64:  # the cancelled terms: mu^T P mu / 2 (P mu is the linear coefficient)
-        cancel = 0.5 * (mu * coef[..., 1:1 + d]).sum(-1)  # (*L, K)
+    if x.dtype != torch.float64:
+        def cancelled(mu: Tensor, coef: Tensor) -> Tensor:  # mu^T P mu / 2 (P mu: the linear coefficients), (*L, K)
+            return 0.5 * (mu * coef[..., 1:1 + d]).sum(-1)
+
+        cancel = cancelled(mu, coef)
         if not bool((cancel < _FLOAT32_EXPANSION_LIMIT).all()):
             # each row about the mean of its least safe component (a tight component far from the
             # series' centre then cancels nothing); rows still beyond the limit go apart below
             shift, mu = _row_shift(cancel, mu, outer, r, k)
             coef = quadratic_coefficients(params._replace(means=mu), cov)
-            cancel = 0.5 * (mu * coef[..., 1:1 + d]).sum(-1)
+            cancel = cancelled(mu, coef)
         unsafe = unsafe | ~(cancel < _FLOAT32_EXPANSION_LIMIT)
     if bool(unsafe.any()):
         return _rows_apart(unsafe, x, w, params, lambda *a: quadratic_statistics(*a, cov),
