@@ -474,14 +474,9 @@ class StreamEMRule(EMRule):
 # -- one streamed fit ---------------------------------------------------------------------------------
 def _key_generator(random_state, rank: int) -> torch.Generator:
     """The reservoir's keys: their own stream of draws (never the initialization's), one per rank."""
-    if isinstance(random_state, torch.Generator):
-        return random_state
-    gen = torch.Generator(device="cpu")
-    if random_state is None:
-        gen.seed()
-    else:
-        gen.manual_seed((int(random_state) * 1_000_003 + 7_919 * (rank + 1)) % (2**63))
-    return gen
+    if isinstance(random_state, torch.Generator) or random_state is None:
+        return make_generator(random_state)
+    return make_generator((int(random_state) * 1_000_003 + 7_919 * (rank + 1)) % (2**63))
 
 
 def _pseudo_points(source: _Source) -> tuple[Tensor, Tensor]:
