@@ -128,7 +128,7 @@ def test_a_series_shorter_than_k_gets_its_status_not_an_error(tmp_path, capsys):
     assert rc == 0
     status = {r["series"]: r["status"] for r in _rows(stdout)}
     assert status["short"] == "INSUFFICIENT_DATA" and status["long"] != "INSUFFICIENT_DATA"
-    assert "INSUFFICIENT_DATA" in err  # the summary
+    assert "series 'short': INSUFFICIENT_DATA" in err  # the summary, naming the series by its id
 
 
 @pytest.mark.parametrize("text, argv, match", [

@@ -773,3 +773,8 @@ def test_flagged_series_get_a_status_each_and_the_call_one_summarized_warning():
     assert [status[i] for i in (0, 2, 5)] == [FitStatus.OK] * 3  # so no ConvergenceWarning either
     assert len(of_category(caught, torchgmm.DegenerateWarning)) == 1
     assert "series (1,)" in gm.summary()
+    named = gm.summary(names=["a", "const", "c", "gone", "two", "f"])  # a file's series ids in place of indices
+    assert "series 'const': DEGENERATE" in named and "series 'gone': EMPTY" in named
+    assert "series 'two': INSUFFICIENT_DATA" in named and "(1,)" not in named
+    with pytest.raises(ValueError, match="names has 2 entries for a batch of 6 series"):
+        gm.summary(names=["a", "b"])

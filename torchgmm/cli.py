@@ -401,7 +401,7 @@ def _fit(args, data: SeriesData, log) -> GaussianMixture:
     if progress:
         log(f"fitted in {time.perf_counter() - start:.2f} s")
     _relay_warnings(caught, log)
-    log(gm.summary())
+    log(gm.summary(names=data.names))
     return gm
 
 

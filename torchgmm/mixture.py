@@ -513,13 +513,14 @@ class GaussianMixture(GaussianAttributes, nn.Module):
         """``fit(X)`` then ``predict(X)``: labels ``(*B, N)``."""
         return self.fit(X, sample_weight=sample_weight).predict(X)
 
-    def summary(self) -> str:
-        """A readable account of the last fit (status counts, flagged series explained)."""
+    def summary(self, names=None) -> str:
+        """A readable account of the last fit (status counts, flagged series explained);
+        ``names``: the series' names (flat batch order) in place of their indices."""
         if self.result_ is None:
             self._check_fitted()
             return (f"GaussianMixture with batch shape {tuple(self.batch_shape)} (parameters set without fit(): "
                     "constructed with n_features, loaded or trained; no fit record)")
-        return self.result_.summary()
+        return self.result_.summary(names=names)
 
     # -- the layer -------------------------------------------------------------------------
     @staticmethod

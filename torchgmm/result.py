@@ -209,14 +209,21 @@ class FitResult:
             text += "; collapsed: " + "; ".join(parts)
         return text
 
-    def summary(self, max_series: int = 5) -> str:
-        """Readable summary: status counts, then the first flagged series, each explained."""
+    def summary(self, max_series: int = 5, names=None) -> str:
+        """Readable summary: status counts, then the first flagged series, each explained.
+        ``names``: the series' names in the batch's flat order (e.g. a file's series ids), used in
+        place of their indices."""
         n = max(1, math.prod(self.batch_shape))
+        if names is not None and len(names) != n:
+            raise ValueError(f"names has {len(names)} entries for a batch of {n} series; pass one name per series")
         counts = ", ".join(f"{name} {c}" for name, c in self.status_counts().items())
         lines = [f"{n} fit(s), {self.method}, covariance_type={self.covariance_type!r}: {counts}"]
-        flagged = (self.status != FitStatus.OK).nonzero().tolist()
-        for index in flagged[:max_series]:
-            label = f"series {tuple(index)}" if index else "fit"
+        status = self.status.reshape(-1)
+        flagged = (status != FitStatus.OK).nonzero().flatten().tolist()  # flat positions
+        for flat in flagged[:max_series]:
+            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(self.batch_shape)))
+            label = ("fit" if not index else f"series {names[flat]!r}" if names is not None
+                     else f"series {index}")
             lines.append(f"  {label}: {self.describe(tuple(index))}")
         if len(flagged) > max_series:
             lines.append(f"  ... and {len(flagged) - max_series} more flagged series (see status_)")
