@@ -199,7 +199,7 @@ def test_usage_errors_are_one_line_with_status_2(capsys):
 def test_help_describes_every_option_with_its_default():
     parser = build_parser()
     subparsers = parser._subparsers._group_actions[0].choices
-    assert set(subparsers) == {"demo", "fit", "plot", "predict"}
+    assert set(subparsers) == {"demo", "fit", "plot", "regimes", "predict"}
     for name, sub in subparsers.items():
         text = sub.format_help()
         for action in sub._actions:
@@ -307,3 +307,64 @@ def test_synthetic_series_follow_their_stated_parameters():
     # the pooled mean of each series matches the mixture mean within sampling error
     mixture_mean = (data.weights * data.means).sum(-1)
     assert float((data.x[..., 0].mean(-1) - mixture_mean).abs().max()) < 0.5
+
+
+# -- regimes: a hidden Markov model per series ------------------------------------------------------
+def _switching():
+    """Two ragged series that switch level: a (-5 then 5 then -5), b (0 then 10)."""
+    rng = np.random.default_rng(3)
+    return {
+        "a": np.concatenate([rng.normal(-5, 0.5, 30), rng.normal(5, 0.5, 25), rng.normal(-5, 0.5, 20)]),
+        "b": np.concatenate([rng.normal(0, 0.5, 40), rng.normal(10, 0.5, 20)]),
+    }
+
+
+def test_regimes_are_the_viterbi_runs_of_each_series_alone(tmp_path, capsys):
+    series = _switching()
+    src = _write_long_csv(tmp_path / "in.csv", series)
+    rc, stdout, err = _run(capsys, "regimes", src, "-k", 2, *FAST)
+    assert rc == 0 and "2 fit(s), em" in err
+    rows = _rows(stdout)
+    runs = {name: [(int(r["first"]), int(r["last"])) for r in rows if r["series"] == name] for name in series}
+    assert runs == {"a": [(0, 29), (30, 54), (55, 74)], "b": [(0, 39), (40, 59)]}  # the switches, exactly
+    a = [r for r in rows if r["series"] == "a"]
+    assert a[0]["state"] == a[2]["state"] != a[1]["state"]  # back to the first regime
+    assert float(a[1]["level"]) == pytest.approx(series["a"][30:55].mean(), abs=1e-9)  # the run's own mean
+    assert [int(r["n_points"]) for r in a] == [30, 25, 20] and all(r["status"] == "OK" for r in rows)
+    # the ragged series b, padded in the file's batch, gives what b alone gives
+    solo = torchgmm.GaussianHMM(2, n_init=2, max_iter=30, random_state=0).fit(torch.tensor(series["b"]))
+    b = [r for r in rows if r["series"] == "b"]
+    assert float(b[0]["log_likelihood"]) == pytest.approx(float(solo.lower_bound_), abs=1e-6)
+    states = solo.predict(torch.tensor(series["b"])).tolist()
+    assert [int(r["state"]) for r in b] == [states[0], states[-1]]
+    for r in b:
+        assert float(r["mean"]) == pytest.approx(float(solo.means_[int(r["state"]), 0]), abs=1e-6)
+
+
+def test_regimes_points_give_each_points_state_and_its_posterior(tmp_path, capsys):
+    src = _write_long_csv(tmp_path / "in.csv", _switching())
+    rc, stdout, _ = _run(capsys, "regimes", src, "-k", 2, *FAST, "--points", "--out", tmp_path / "p.json")
+    assert rc == 0 and stdout == ""
+    records = json.loads((tmp_path / "p.json").read_text())
+    assert len(records) == 75 + 60  # every point, none of the padding
+    assert [r["index"] for r in records if r["series"] == "b"] == list(range(60))
+    assert all(0.5 <= r["probability"] <= 1.0 for r in records)  # two states: the Viterbi state is the likelier here
+    assert len({r["state"] for r in records if r["series"] == "a" and 30 <= r["index"] < 55}) == 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--nan-policy", "omit"], r"series 'a' has missing values inside it .* impute them"),
+    (["--series", "a"], r"--series picks the series to draw: pass --plot FIG too"),
+    (["--plot", "fig.gif"], r"unknown output type '.gif' for --plot"),
+])
+def test_regimes_refuses_what_a_hidden_markov_model_cannot_take(tmp_path, capsys, argv, match):
+    src = tmp_path / "in.csv"
+    src.write_text("series,value\na,1\na,\na,3\na,4\nb,2\nb,5\n")
+    rc, stdout, err = _run(capsys, "regimes", src, "-k", 2, *FAST, "--quiet", *argv)
+    assert rc == 1 and stdout == "" and err.count("\n") == 1 and re.search(match, err), err
+
+
+def test_regimes_takes_one_k(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["regimes", "x.csv", "-k", "1-3"])
+    assert info.value.code == 2 and "'1-3' is not an integer" in capsys.readouterr().err

@@ -128,3 +128,29 @@ def test_plot_command_fits_then_draws(tmp_path, capsys):
     rc = main(["plot", str(tmp_path / "in.csv"), "--series", "zzz", "--out", str(tmp_path / "z.png")])
     err = capsys.readouterr().err
     assert rc == 1 and "no series 'zzz'; the series are a, b" in err and not (tmp_path / "z.png").exists()
+
+
+def test_a_hidden_markov_model_is_drawn_over_time_with_its_regimes_shaded(tmp_path):
+    x = seed_series()
+    hmm = torchgmm.GaussianHMM(3, n_init=10, random_state=0).fit(x)
+    path = hmm.predict(x)
+    fig = gmmplot.plot(hmm, x)  # kind "auto" is time for an HMM
+    ax = fig.axes[0]
+    runs = 1 + int((path[1:] != path[:-1]).sum())
+    assert len(ax.patches) == runs  # one shaded span per regime
+    assert len(ax.collections) == 3  # one scatter per state
+    assert [t.get_text().split(":")[0] for t in ax.get_legend().get_texts()] == ["state 0", "state 1", "state 2"]
+    fig.savefig(tmp_path / "regimes.png")
+    _check_png(tmp_path / "regimes.png")
+
+
+def test_regimes_command_draws_a_grid_of_ragged_series(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    lines = ["series,value"] + [f"a,{v}" for v in np.r_[rng.normal(0, 1, 40), rng.normal(6, 1, 30)]]
+    lines += [f"b,{v}" for v in np.r_[rng.normal(6, 1, 25), rng.normal(0, 1, 20)]]
+    (tmp_path / "in.csv").write_text("\n".join(lines) + "\n")
+    rc = main(["regimes", str(tmp_path / "in.csv"), "-k", "2", "--n-init", "2", "--plot", str(tmp_path / "g.png"),
+               "--out", str(tmp_path / "runs.csv")])
+    err = capsys.readouterr().err
+    assert rc == 0 and f"wrote {tmp_path / 'g.png'}" in err and "wrote 4 rows (2 series)" in err
+    _check_png(tmp_path / "g.png")

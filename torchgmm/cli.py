@@ -1,10 +1,12 @@
-"""The command line: ``torchgmm demo | fit | plot | predict`` (also ``python -m torchgmm``).
+"""The command line: ``torchgmm demo | fit | plot | regimes | predict`` (also ``python -m torchgmm``).
 
 ``torchgmm`` with no arguments runs the demo (the bundled series, then a synthetic batch).
 ``fit FILE`` reads a file of series (CSV, TSV, Parquet, ``.npy``, ``.npz``; layouts in
 :mod:`torchgmm.io`), fits one mixture per series in one batched call and writes one row per series
 and component (CSV to stdout, or ``--out`` .csv/.tsv/.parquet/.json); ``--save`` keeps the fitted
-batch for ``predict MODEL FILE``. ``plot FILE --out fig.png`` fits, then draws. Options may come
+batch for ``predict MODEL FILE``. ``plot FILE --out fig.png`` fits, then draws. ``regimes FILE``
+fits one hidden Markov model per series and writes its Viterbi regimes (runs of one state; ``--plot``
+draws them). Options may come
 from ``--config FILE.yaml`` (keys are the long option names); the command line overrides it.
 
 Bad input is one line on stderr naming the file (and the line/row and column where it can) and
@@ -31,7 +33,7 @@ from .datasets import REPEATED_VALUE, seed_series, synthetic_series
 from .io import (DataError, SeriesData, TABLE_SUFFIXES, atomic_path, check_output_path, full_covariances,
                  read_series, write_table)
 
-__all__ = ["main", "build_parser", "parse_k", "fit_table", "demo"]
+__all__ = ["main", "build_parser", "parse_k", "fit_table", "regimes_table", "regime_runs", "demo"]
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
@@ -84,12 +86,7 @@ def demo(n_series: int = 1000) -> None:
 
     print("\n== Regimes over time: a 3-state Gaussian HMM on the same series (when did it switch?)")
     hmm = GaussianHMM(3, n_init=10, random_state=0).fit(x)
-    path = hmm.predict(x).tolist()
-    runs, begin = [], 0
-    for t in range(1, len(path) + 1):
-        if t == len(path) or path[t] != path[begin]:
-            runs.append(f"{begin}-{t - 1}: {float(x[begin:t].mean()):.2f}")
-            begin = t
+    runs = [f"{first}-{last}: {float(x[first:last + 1].mean()):.2f}" for _, first, last in regime_runs(hmm.predict(x).tolist())]
     print(f"    mean log-likelihood {float(hmm.lower_bound_):.4f} per step (the mixture: {float(gm.lower_bound_):.4f} per point); "
           "Viterbi regimes as steps: level")
     print("    " + ", ".join(runs))
@@ -186,14 +183,20 @@ def _add_read_options(p) -> None:
                    help="missing values (empty cells, NaN): an error, or points skipped")
 
 
-def _add_fit_options(p) -> None:
+def _add_fit_options(p, states: bool = False) -> None:
+    """The fitting options; ``states``: those of a hidden Markov model (one K, the number of
+    states; EM or gradient)."""
     g = p.add_argument_group("fitting")
-    g.add_argument("-k", "--n-components", type=parse_k, default=3, metavar="K",
-                   help="components: a K (3), a range (1-5) or a list (1,2,4); several: the best per "
-                        "series by --criterion")
-    g.add_argument("--criterion", default="bic", choices=["bic", "aic"], help="how K is chosen from several")
+    if states:
+        g.add_argument("-k", "--n-components", type=_positive_int, default=3, metavar="K",
+                       help="hidden states (regimes) per series")
+    else:
+        g.add_argument("-k", "--n-components", type=parse_k, default=3, metavar="K",
+                       help="components: a K (3), a range (1-5) or a list (1,2,4); several: the best per "
+                            "series by --criterion")
+        g.add_argument("--criterion", default="bic", choices=["bic", "aic"], help="how K is chosen from several")
     g.add_argument("--covariance-type", default="full", choices=["full", "tied", "diag", "spherical"],
-                   help="covariance of the components (the same for univariate data)")
+                   help=f"covariance of the {'states' if states else 'components'} (the same for univariate data)")
     g.add_argument("--n-init", type=_positive_int, default=10, help="restarts per series (the best is kept)")
     g.add_argument("--max-iter", type=_non_negative_int, default=100, help="EM iterations at most")
     g.add_argument("--tol", type=_positive_float, default=1e-3,
@@ -201,7 +204,8 @@ def _add_fit_options(p) -> None:
     g.add_argument("--reg-covar", type=float, default=1e-6, help="added to the covariance diagonals")
     g.add_argument("--init-params", default="kmeans",
                    choices=list(INIT_METHODS), help="initialization")
-    g.add_argument("--method", default="em", choices=["em", "squarem", "gradient"], help="fitting method")
+    g.add_argument("--method", default="em", choices=["em", "gradient"] if states else ["em", "squarem", "gradient"],
+                   help="fitting method")
     g.add_argument("--prior", default="none", choices=["none", "default"],
                    help="'default': MAP estimation with the conjugate prior (no collapsed components)")
     g.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same CPU result)")
@@ -214,10 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="torchgmm", formatter_class=_Formatter,
-        description="Batched Gaussian mixtures in PyTorch: one mixture per series of a file, in one call.\n"
+        description="Batched Gaussian mixtures in PyTorch: one mixture (or hidden Markov model) per series of a file, in one call.\n"
                     "Without a command: the demo. Details: docs/cli.md.")
     parser.add_argument("--version", action="version", version=f"torchgmm {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,fit,plot,predict}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{demo,fit,plot,regimes,predict}", parser_class=_Parser)
 
     d = sub.add_parser("demo", formatter_class=_Formatter, help="fit the bundled series and a synthetic batch (the default)",
                        description="Fit the bundled series (torchgmm/data/seed_series.csv) and a batch of synthetic series.")
@@ -254,6 +258,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_read_options(p)
     _add_fit_options(p)
     _add_common(p)
+
+    h = sub.add_parser(
+        "regimes", formatter_class=_Formatter, help="when did each series switch: a hidden Markov model per series",
+        description="Fit one Gaussian hidden Markov model per series of FILE (the points in the file's order "
+                    "are its time steps) and write its regimes: the Viterbi path as runs of one state, one row "
+                    "per run (--points: one row per point).",
+        epilog="examples:\n  torchgmm regimes series.csv -k 3 --out runs.csv\n"
+               "  torchgmm regimes series.csv -k 2 --points --plot regimes.png --series a")
+    h.add_argument("file", metavar="FILE", help="CSV, TSV, Parquet, .npy or .npz")
+    _add_read_options(h)
+    _add_fit_options(h, states=True)
+    g = h.add_argument_group("output")
+    g.add_argument("--out", default=None, metavar="FILE",
+                   help="regimes table: .csv, .tsv, .parquet or .json; unset: CSV on stdout")
+    g.add_argument("--points", action="store_true",
+                   help="one row per point (its state and that state's posterior probability), not per run")
+    g.add_argument("--plot", default=None, metavar="FIG",
+                   help="also draw the series over time, coloured by state: .png, .pdf, .svg or .jpg")
+    g.add_argument("--series", default=None, metavar="ID",
+                   help="with --plot: the series name (or 0-based position) to draw; unset: a grid of the first 16")
+    g.add_argument("--dpi", type=_positive_int, default=100, help="resolution of raster images")
+    _add_common(h)
 
     r = sub.add_parser(
         "predict", formatter_class=_Formatter, help="label every point with a saved model",
@@ -531,6 +557,111 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _lengths_of(data: SeriesData) -> torch.Tensor:
+    """Each series' number of time steps ``(B,)``: its points must come first, padding only at the
+    end (a hidden Markov model's steps are consecutive: a point skipped inside a series is refused)."""
+    valid = data.sample_weight > 0  # (B, N)
+    lengths = valid.sum(-1)
+    inside = valid != (torch.arange(valid.shape[-1]) < lengths.unsqueeze(-1))
+    if bool(inside.any()):
+        b = int(inside.any(-1).nonzero()[0])
+        raise CliError(f"{data.path}: series {data.names[b]!r} has missing values inside it (--nan-policy omit); "
+                       "a hidden Markov model needs consecutive time steps: impute them, or cut the series there")
+    return lengths
+
+
+def regime_runs(states: list) -> list:
+    """The runs of one state in a path (``-1`` = padding, ignored): ``[(state, first, last), ...]``
+    with inclusive indices."""
+    runs = []
+    for t, s in enumerate(states):
+        if s < 0:
+            break
+        if runs and runs[-1][0] == s:
+            runs[-1][2] = t
+        else:
+            runs.append([s, t, t])
+    return [tuple(r) for r in runs]
+
+
+def regimes_table(hmm: GaussianHMM, data: SeriesData, lengths: torch.Tensor, points: bool = False) -> dict:
+    """The Viterbi regimes of every series: one row per run (series, run, state, first, last,
+    n_points, the state's mean (mean_<j>) and the run's own mean of the data (level, level_<j>),
+    status, log_likelihood per step) or, with ``points``, per point (series, index, state,
+    probability: the smoothed posterior of that state)."""
+    b, d = data.n_series, data.x.shape[-1]
+    x = data.x.to(device=hmm.loc.device, dtype=hmm.loc.dtype)
+    lens = lengths.to(x.device)
+    path = hmm.predict(x, lens).reshape(b, -1).cpu()
+    if points:
+        gamma = hmm.predict_proba(x, lens).reshape(b, path.shape[-1], -1).cpu()
+        keep = path >= 0
+        prob = gamma.gather(-1, path.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        series_idx, point_idx = keep.nonzero(as_tuple=True)
+        return {"series": [data.names[i] for i in series_idx.tolist()], "index": point_idx.tolist(),
+                "state": path[keep].tolist(), "probability": prob[keep].tolist()}
+    means = _cpu_list(hmm.means_.reshape(b, -1, d))
+    status = [FitStatus(int(s)).name for s in _cpu_list(hmm.status_.reshape(b))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        score = _cpu_list(hmm.score(x, lens).reshape(b))
+    values = data.x.to(torch.float64).cpu()
+    suffixes = [""] if d == 1 else [f"_{j}" for j in range(d)]
+    names = ["series", "run", "state", "first", "last", "n_points", *(f"mean{s}" for s in suffixes),
+             *(f"level{s}" for s in suffixes), "status", "log_likelihood"]
+    table = {n: [] for n in names}
+    for i in range(b):
+        for r, (state, first, last) in enumerate(regime_runs(path[i].tolist())):
+            level = values[i, first:last + 1].mean(0).tolist()
+            row = [data.names[i], r, state, first, last, last - first + 1, *means[i][state], *level, status[i], score[i]]
+            for n, v in zip(names, row):
+                table[n].append(v)
+    return table
+
+
+def cmd_regimes(args) -> int:
+    log = _log(args)
+    out = check_output_path(args.out, TABLE_SUFFIXES) if args.out is not None and args.out != "-" else None
+    fig_path = None
+    if args.plot is not None:
+        from . import plot as plot_module
+
+        plot_module.require_matplotlib()
+        fig_path = check_output_path(args.plot, PLOT_SUFFIXES, "--plot")
+    if args.series is not None and fig_path is None:
+        raise CliError("--series picks the series to draw: pass --plot FIG too")
+    _check_device(args.device)
+    hmm = GaussianHMM(
+        args.n_components, covariance_type=args.covariance_type, tol=args.tol, reg_covar=args.reg_covar,
+        max_iter=args.max_iter, n_init=args.n_init, init_params=args.init_params, random_state=args.seed,
+        prior=None if args.prior == "none" else args.prior, device=args.device, dtype=getattr(torch, args.dtype),
+        method=args.method,
+    )
+    data = _read(args, log)
+    index = _resolve_series(args.series, data)
+    lengths = _lengths_of(data)
+    progress = not args.quiet and sys.stderr.isatty()
+    if progress:
+        log(f"fitting {data.n_series} hidden Markov models (K={args.n_components}, {args.covariance_type}, "
+            f"n_init={args.n_init}, {args.method}) on {args.device} ...")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hmm.fit(data.x, lengths)
+    _relay_warnings(caught, log)
+    log(hmm.summary(names=data.names))
+    table = regimes_table(hmm, data, lengths, points=args.points)
+    write_table(out, table)
+    if out is not None:
+        log(f"wrote {len(table['series'])} rows ({data.n_series} series) to {out}")
+    if fig_path is not None:
+        fig = plot_module.plot(hmm, data.x, series=index, kind="time", sample_weight=data.sample_weight,
+                               names=data.names)
+        with atomic_path(fig_path) as tmp:
+            fig.savefig(tmp, format=fig_path.suffix.lower().lstrip(".").replace("jpg", "jpeg"), dpi=args.dpi)
+        log(f"wrote {fig_path}")
+    return 0
+
+
 def cmd_predict(args) -> int:
     import torchgmm
 
@@ -593,7 +724,7 @@ def main(argv=None) -> int:
         if command == "demo":
             demo(getattr(args, "n_series", 1000))
             return 0
-        return {"fit": cmd_fit, "plot": cmd_plot, "predict": cmd_predict}[command](args)
+        return {"fit": cmd_fit, "plot": cmd_plot, "regimes": cmd_regimes, "predict": cmd_predict}[command](args)
     except (CliError, DataError, ImportError) as e:
         print(f"torchgmm: error: {_one_line(e)}", file=sys.stderr)
         return 1

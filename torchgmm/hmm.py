@@ -601,9 +601,10 @@ class GaussianHMM(GaussianAttributes, nn.Module):
         self.status_ = result.status
         return self
 
-    def summary(self) -> str:
+    def summary(self, names=None) -> str:
+        """A readable account of the last fit; ``names``: the series' names (flat batch order)."""
         self._check_fitted()
-        return self.result_.summary() if self.result_ is not None else "GaussianHMM (no fit record)"
+        return self.result_.summary(names=names) if self.result_ is not None else "GaussianHMM (no fit record)"
 
     # -- the layer ---------------------------------------------------------------------------------
     def _mask(self, X: Tensor, lengths):

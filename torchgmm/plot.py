@@ -6,7 +6,9 @@ scatter of the first two features with the fitted mixture density and its weight
 collapsed components (``model.result_.degenerate_components``) marked in red; ``kind="time"``
 draws the series over time coloured by its most likely component (``model.predict``). For a batch
 with ``series=None`` it draws a grid of small multiples (the first 16 series) and, when the model
-chose K per series (``n_components_``), the distribution of the chosen K. It returns the
+chose K per series (``n_components_``), the distribution of the chosen K. A fitted ``GaussianHMM``
+is drawn over time: the series coloured by its Viterbi state, each regime (a run of one state)
+shaded. It returns the
 ``matplotlib.figure.Figure``, made without pyplot (no window, no global state): save it with
 ``fig.savefig("fig.png")``, or pass ``ax=`` to draw into an axes of your own figure.
 """
@@ -73,7 +75,9 @@ class _Batch:
             raise ValueError(f"sample_weight has shape {w.shape}; expected {(*batch, n)}") from None
         self.w = np.where(np.isnan(self.x).any(-1), 0.0, w)
         self.x = np.nan_to_num(self.x)
-        self.weights = _as_numpy(model.weights_).reshape(self.b, k)
+        self.hmm = hasattr(model, "transmat_")  # a GaussianHMM: states over time, no mixture weights
+        self.k = k
+        self.weights = None if self.hmm else _as_numpy(model.weights_).reshape(self.b, k)
         self.means = _as_numpy(model.means_).reshape(self.b, k, d)
         self.cov = _as_numpy(full_covariances(model)).reshape(self.b, k, d, d)
         result = getattr(model, "result_", None)
@@ -92,9 +96,16 @@ class _Batch:
         self._labels = None
 
     def labels(self) -> np.ndarray:
+        """``model.predict`` of every point ``(B, N)``; an HMM's Viterbi path over each series'
+        points, which must come first (padding at the end: -1)."""
         if self._labels is None:
             x = torch.nan_to_num(self.model_x.to(self.model.loc.dtype))
-            self._labels = self.model.predict(x).cpu().numpy().reshape(self.b, -1)
+            if self.hmm:
+                lengths = torch.as_tensor((self.w > 0).sum(-1)).reshape(x.shape[:-2]).to(x.device)
+                labels = self.model.predict(x, lengths)
+            else:
+                labels = self.model.predict(x)
+            self._labels = labels.cpu().numpy().reshape(self.b, -1)
         return self._labels
 
     def title(self, i: int) -> str:
@@ -214,13 +225,17 @@ def _draw_time(ax, data: _Batch, i: int) -> None:
     t = np.flatnonzero(mask)
     y = data.x[i, mask, 0]
     labels = data.labels()[i, mask]
-    colors = _colors(data.weights.shape[1])
+    colors = _colors(data.k)
     ax.plot(t, y, color="0.75", linewidth=0.8, zorder=1)
+    if data.hmm:  # each regime (a run of one state) shaded in its state's colour
+        starts = np.flatnonzero(np.diff(labels, prepend=-2) != 0)
+        for a, b in zip(starts, [*starts[1:], len(labels)]):
+            ax.axvspan(t[a] - 0.5, t[b - 1] + 0.5, color=colors[labels[a]], alpha=0.12, linewidth=0, zorder=0)
     for k in np.unique(labels):
         sel = labels == k
         color = _DEGENERATE if data.degenerate[i, k] else colors[k]
         tag = "degenerate" if data.degenerate[i, k] else f"mean {data.means[i, k, 0]:.3g}"
-        ax.scatter(t[sel], y[sel], s=12, color=color, zorder=2, label=f"{k}: {tag}",
+        ax.scatter(t[sel], y[sel], s=12, color=color, zorder=2, label=f"{'state ' if data.hmm else ''}{k}: {tag}",
                    marker="x" if data.degenerate[i, k] else "o")
     ax.set_xlabel("index")
     ax.set_ylabel("value" if data.x.shape[-1] == 1 else "feature 0")
@@ -252,7 +267,8 @@ def plot(model, X, series=None, kind: str = "auto", ax=None, *, sample_weight=No
     first ``max_series`` series plus, when the model chose K per series, a bar chart of the
     chosen K. ``kind``: ``"auto"`` (histogram with the density and its weighted components for
     univariate data, a scatter of features 0 and 1 with density contours and 2-sigma ellipses
-    otherwise) or ``"time"`` (the series by index, coloured by ``model.predict``). Collapsed
+    otherwise) or ``"time"`` (the series by index, coloured by ``model.predict``; a
+    ``GaussianHMM`` is always drawn so, with its regimes shaded). Collapsed
     components are drawn in red (dotted line / dashed ellipse, an x at the mean). ``ax`` draws
     one series into an existing axes.
     """
@@ -262,6 +278,7 @@ def plot(model, X, series=None, kind: str = "auto", ax=None, *, sample_weight=No
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     data = _Batch(model, X, sample_weight, names)
+    kind = "time" if data.hmm else kind  # a hidden Markov model is about time
     if series is None and data.b == 1:
         series = 0
     if series is not None:
@@ -291,7 +308,8 @@ def plot(model, X, series=None, kind: str = "auto", ax=None, *, sample_weight=No
     for extra in axes[panels:]:
         extra.set_visible(False)
     shown = f"the first {n} of {data.b} series" if n < data.b else f"{data.b} series"
-    fig.suptitle(f"{shown}: {'by component' if kind == 'time' else 'data and fitted mixture'}", fontsize="medium")
+    what = "by state, regimes shaded" if data.hmm else "by component" if kind == "time" else "data and fitted mixture"
+    fig.suptitle(f"{shown}: {what}", fontsize="medium")
     return fig
 
 
