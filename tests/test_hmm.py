@@ -456,3 +456,10 @@ def test_viterbi_by_scans_equals_viterbi_over_time(padded, monkeypatch):
     path_scan, score_scan = fb.viterbi(ls, lt, le, valid)
     assert torch.equal(path, path_scan)
     torch.testing.assert_close(score, score_scan, rtol=1e-12, atol=1e-12)
+
+
+def test_a_collapsed_state_is_described_as_a_state_without_mixing_weights():
+    x = torch.cat([torch.full((30,), 3.0, dtype=torch.float64), torch.linspace(0, 1, 30, dtype=torch.float64)])
+    with pytest.warns(torchgmm.DegenerateWarning, match=r"collapsed: state \d on \(3\), variance"):
+        hmm = torchgmm.GaussianHMM(2, n_init=2, random_state=0).fit(x)
+    assert "weight" not in hmm.summary() and "state" in hmm.summary()

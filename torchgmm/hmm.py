@@ -419,6 +419,7 @@ def fit_hmm(
         emission_run, n_restarts=n_restarts, cov=cov, scaling=scaling, reg=reg, n_valid=lens,
         empty=torch.zeros_like(insufficient), insufficient=insufficient, batch_shape=batch_shape, method=method,
     )
+    result.component = "state"  # (its summaries name states, without the placeholder weights)
     rows, best = torch.arange(n_series, device=x.device), result.best_restart.reshape(-1)
     log_start = run.params.log_startprob.reshape(n_series, n_restarts, k)[rows, best]
     log_trans = run.params.log_transmat.reshape(n_series, n_restarts, k, k)[rows, best]

@@ -77,6 +77,7 @@ class FitResult:
     method: str = "em"
     n_components: Optional[Tensor] = None  # (*B,) the chosen K (model selection over K), else None
     criterion: Optional[Tensor] = None  # (*B, C) the criterion of each candidate's best restart
+    component: str = "component"  # what a component is called: "state" for an HMM (no mixing weights)
 
     @property
     def batch_shape(self) -> torch.Size:
@@ -196,7 +197,7 @@ class FitResult:
         text = f"{status.name}, {int(self.n_iter[index])} iterations, lower bound {float(self.lower_bound[index]):.6g}"
         bad = self.degenerate_components[index].nonzero().flatten().tolist()
         if len(bad) > 3:  # never a wall of numbers: the count, then the first few
-            text += f"; {len(bad)} components collapsed, first:"
+            text += f"; {len(bad)} {self.component}s collapsed, first:"
             bad = bad[:3]
         if bad:
             means = self.params.means[index]
@@ -205,7 +206,8 @@ class FitResult:
             for k in bad:
                 values = means[k].tolist()
                 where = ", ".join(f"{v:.6g}" for v in values[:3]) + (f", ... ({len(values)} features)" if len(values) > 3 else "")
-                parts.append(f"component {k} (weight {float(self.weights[index][k]):.3g}) on ({where}), variance {float(var[k]):.3g}")
+                weight = f" (weight {float(self.weights[index][k]):.3g})" if self.component == "component" else ""
+                parts.append(f"{self.component} {k}{weight} on ({where}), variance {float(var[k]):.3g}")
             text += "; collapsed: " + "; ".join(parts)
         return text
 
