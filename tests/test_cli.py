@@ -368,3 +368,14 @@ def test_regimes_takes_one_k(capsys):
     with pytest.raises(SystemExit) as info:
         main(["regimes", "x.csv", "-k", "1-3"])
     assert info.value.code == 2 and "'1-3' is not an integer" in capsys.readouterr().err
+
+
+def test_a_saved_regimes_model_labels_new_data_as_points_do(tmp_path, capsys):
+    src = _write_long_csv(tmp_path / "in.csv", _switching())
+    rc, points, _ = _run(capsys, "regimes", src, "-k", 2, *FAST, "--points", "--save", tmp_path / "m.pt", "--quiet")
+    assert rc == 0 and (tmp_path / "m.pt").is_file()
+    rc, labelled, _ = _run(capsys, "predict", tmp_path / "m.pt", src, "--quiet")
+    assert rc == 0 and labelled == points  # the same states and posteriors, row for row
+    rc, _, err = _run(capsys, "predict", tmp_path / "m.pt", _write_long_csv(tmp_path / "three.csv", {
+        "a": [1.0, 2.0], "b": [3.0, 4.0], "c": [5.0, 6.0]}), "--quiet")
+    assert rc == 1 and "3 series, but" in err and "holds 2 fitted series" in err

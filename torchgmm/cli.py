@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regimes table: .csv, .tsv, .parquet or .json; unset: CSV on stdout")
     g.add_argument("--points", action="store_true",
                    help="one row per point (its state and that state's posterior probability), not per run")
+    g.add_argument("--save", default=None, metavar="MODEL",
+                   help="save the fitted batch (for `torchgmm predict`: the states of new data)")
     g.add_argument("--plot", default=None, metavar="FIG",
                    help="also draw the series over time, coloured by state: .png, .pdf, .svg or .jpg")
     g.add_argument("--series", default=None, metavar="ID",
@@ -283,10 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser(
         "predict", formatter_class=_Formatter, help="label every point with a saved model",
-        description="Load MODEL (saved by `torchgmm fit --save`) and write, per point of FILE, its series, "
-                    "index in the series, most likely component and log-density. Series are matched by "
-                    "position (the model's series i is the file's series i).")
-    r.add_argument("model", metavar="MODEL", help="a model saved by `torchgmm fit --save`")
+        description="Load MODEL (saved by `torchgmm fit --save` or `torchgmm regimes --save`) and write, per "
+                    "point of FILE, its series, index in the series and most likely component and log-density "
+                    "(a mixture) or Viterbi state and its posterior probability (a hidden Markov model). Series "
+                    "are matched by position (the model's series i is the file's series i).")
+    r.add_argument("model", metavar="MODEL", help="a model saved by `torchgmm fit --save` or `regimes --save`")
     r.add_argument("file", metavar="FILE", help="CSV, TSV, Parquet, .npy or .npz")
     _add_read_options(r)
     g = r.add_argument_group("output")
@@ -490,7 +493,7 @@ def fit_table(gm: GaussianMixture, data: SeriesData) -> dict:
     return table
 
 
-def _save_model(gm: GaussianMixture, path: Path) -> None:
+def _save_model(gm: "GaussianMixture | GaussianHMM", path: Path) -> None:
     if not hasattr(gm, "save"):
         raise CliError(f"{path}: --save needs GaussianMixture.save, which this version of torchgmm does not have")
     with atomic_path(path) as tmp:
@@ -584,13 +587,15 @@ def regime_runs(states: list) -> list:
     return [tuple(r) for r in runs]
 
 
-def regimes_table(hmm: GaussianHMM, data: SeriesData, lengths: torch.Tensor, points: bool = False) -> dict:
+def regimes_table(hmm: GaussianHMM, data: SeriesData, lengths: torch.Tensor, points: bool = False,
+                  x: "torch.Tensor | None" = None) -> dict:
     """The Viterbi regimes of every series: one row per run (series, run, state, first, last,
     n_points, the state's mean (mean_<j>) and the run's own mean of the data (level, level_<j>),
     status, log_likelihood per step) or, with ``points``, per point (series, index, state,
-    probability: the smoothed posterior of that state)."""
+    probability: the smoothed posterior of that state). ``x``: the data as the model takes them
+    (default: ``data.x`` on the model's device and dtype)."""
     b, d = data.n_series, data.x.shape[-1]
-    x = data.x.to(device=hmm.loc.device, dtype=hmm.loc.dtype)
+    x = data.x.to(device=hmm.loc.device, dtype=hmm.loc.dtype) if x is None else x
     lens = lengths.to(x.device)
     path = hmm.predict(x, lens).reshape(b, -1).cpu()
     if points:
@@ -630,6 +635,7 @@ def cmd_regimes(args) -> int:
         fig_path = check_output_path(args.plot, PLOT_SUFFIXES, "--plot")
     if args.series is not None and fig_path is None:
         raise CliError("--series picks the series to draw: pass --plot FIG too")
+    save = check_output_path(args.save, (), "--save") if args.save else None
     _check_device(args.device)
     hmm = GaussianHMM(
         args.n_components, covariance_type=args.covariance_type, tol=args.tol, reg_covar=args.reg_covar,
@@ -650,6 +656,9 @@ def cmd_regimes(args) -> int:
     _relay_warnings(caught, log)
     log(hmm.summary(names=data.names))
     table = regimes_table(hmm, data, lengths, points=args.points)
+    if save is not None:
+        _save_model(hmm, save)
+        log(f"saved the model ({data.n_series} series) to {save}")
     write_table(out, table)
     if out is not None:
         log(f"wrote {len(table['series'])} rows ({data.n_series} series) to {out}")
@@ -691,16 +700,22 @@ def cmd_predict(args) -> int:
     x = data.x.to(device=model.loc.device, dtype=model.loc.dtype)
     if b_model > 1 and len(model.batch_shape) != 1:
         x = x.reshape(*model.batch_shape, *x.shape[1:])
-    labels = model.predict(x).reshape(data.n_series, -1)
-    log_density = model.score_samples(x).reshape(data.n_series, -1)
-    keep = (data.sample_weight > 0).cpu()
-    series_idx, point_idx = keep.nonzero(as_tuple=True)
-    table = {
-        "series": [data.names[i] for i in series_idx.tolist()],
-        "index": point_idx.tolist(),
-        "component": labels.cpu()[keep].tolist(),
-        "log_density": log_density.cpu()[keep].tolist(),
-    }
+    if isinstance(model, GaussianHMM):  # the Viterbi state of every point, and its posterior
+        lengths = _lengths_of(data).to(x.device)
+        if b_model > 1 and len(model.batch_shape) != 1:
+            lengths = lengths.reshape(model.batch_shape)
+        table = regimes_table(model, data, lengths, points=True, x=x)
+    else:
+        labels = model.predict(x).reshape(data.n_series, -1)
+        log_density = model.score_samples(x).reshape(data.n_series, -1)
+        keep = (data.sample_weight > 0).cpu()
+        series_idx, point_idx = keep.nonzero(as_tuple=True)
+        table = {
+            "series": [data.names[i] for i in series_idx.tolist()],
+            "index": point_idx.tolist(),
+            "component": labels.cpu()[keep].tolist(),
+            "log_density": log_density.cpu()[keep].tolist(),
+        }
     write_table(out, table)
     if out is not None:
         log(f"wrote {len(table['index'])} rows ({data.n_series} series) to {out}")
