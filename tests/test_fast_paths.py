@@ -141,7 +141,8 @@ def test_univariate_quadratic_equals_the_general_coefficients():
 
 def test_a_first_fit_does_not_import_torchs_symbolic_shape_machinery():
     """torch.broadcast_shapes imports sympy on first use (~0.4 s, paid by a fresh process's first
-    fit): the eager paths use _ops.broadcast_shapes instead."""
+    fit): the eager paths use _ops.broadcast_shapes instead (and the summaries numpy's
+    unravel_index, not torch's, which does the same)."""
     import subprocess
     import sys
 
@@ -151,6 +152,9 @@ def test_a_first_fit_does_not_import_torchs_symbolic_shape_machinery():
         "torchgmm.fit(torch.randn(2, 30, 1), 2)\n"  # the lean rule
         "torchgmm.fit(torch.randn(4, 100, 3), 2, covariance_type='diag')\n"
         "torchgmm.GaussianHMM(2).fit(torch.randn(3, 50, 1))\n"
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "x = torch.randn(3, 40, 1); x[1] = 2.0\n"  # a flagged series: its warning and summary name it
+        "torchgmm.GaussianMixture(2).fit(x).summary()\n"
         "print('sympy' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -54,8 +54,9 @@ def _first(mask: Tensor, batch_shape) -> str:
     """`` (first: series (i, j))`` for a flat mask over a batch, empty when unbatched."""
     if not batch_shape:
         return ""
-    first = tuple(int(i) for i in torch.unravel_index(mask.nonzero()[0, 0], tuple(batch_shape)))
-    return f" (first: series {first})"
+    # (the multi-index from the mask in the batch's shape: torch.unravel_index imports torch's
+    # symbolic-shapes machinery on first use, 0.25 s)
+    return f" (first: series {validation.first_series(mask.reshape(tuple(batch_shape)))})"
 
 
 def _too_few_points(k: int, n_valid: int) -> ValueError:

@@ -220,15 +220,16 @@ class FitResult:
             raise ValueError(f"names has {len(names)} entries for a batch of {n} series; pass one name per series")
         counts = ", ".join(f"{name} {c}" for name, c in self.status_counts().items())
         lines = [f"{n} fit(s), {self.method}, covariance_type={self.covariance_type!r}: {counts}"]
-        status = self.status.reshape(-1)
-        flagged = (status != FitStatus.OK).nonzero().flatten().tolist()  # flat positions
-        for flat in flagged[:max_series]:
-            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(self.batch_shape)))
+        flagged = self.status != FitStatus.OK
+        indices = flagged.nonzero().tolist()  # row-major, as the flat positions below
+        positions = flagged.reshape(-1).nonzero().flatten().tolist()
+        for index, flat in zip(indices[:max_series], positions):
+            index = tuple(index)
             label = ("fit" if not index else f"series {names[flat]!r}" if names is not None
                      else f"series {index}")
-            lines.append(f"  {label}: {self.describe(tuple(index))}")
-        if len(flagged) > max_series:
-            lines.append(f"  ... and {len(flagged) - max_series} more flagged series (see status_)")
+            lines.append(f"  {label}: {self.describe(index)}")
+        if len(indices) > max_series:
+            lines.append(f"  ... and {len(indices) - max_series} more flagged series (see status_)")
         return "\n".join(lines)
 
     def _few_points_hint(self) -> str:

@@ -152,7 +152,8 @@ def _float_dtype(t: Tensor, name: str, dtype: Optional[torch.dtype]) -> torch.dt
     return torch.get_default_dtype()  # integers
 
 
-def _first_series(mask: Tensor) -> tuple:
+def first_series(mask: Tensor) -> tuple:
+    """The index of the first True entry of ``mask (*B)``, as a tuple (row-major order)."""
     return tuple(mask.nonzero()[0].tolist())
 
 
@@ -163,7 +164,7 @@ def _non_finite_message(name: str, bad_point: Tensor, kind: str, nan_policy: str
     has no log-likelihood and no label), so the hint is to remove or impute them."""
     if bad_point.dim() > 1:
         bad_series = bad_point.any(-1)
-        where = f" in {int(bad_series.sum())} of {bad_series.numel()} series (first: {_first_series(bad_series)})"
+        where = f" in {int(bad_series.sum())} of {bad_series.numel()} series (first: {first_series(bad_series)})"
     else:
         first = int(bad_point.nonzero()[0, 0])
         where = f" at {int(bad_point.sum())} of {bad_point.numel()} samples (first: row {first})"
