@@ -424,14 +424,19 @@ def _fit(args, data: SeriesData, log) -> GaussianMixture:
         log(f"fitting {data.n_series} series ({ks}, {args.covariance_type}, n_init={args.n_init}, "
             f"{args.method}) on {args.device} ...")
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        gm.fit(data.x, sample_weight=data.sample_weight)
+    _fit_logged(lambda: gm.fit(data.x, sample_weight=data.sample_weight), gm, data, log)
     if progress:
         log(f"fitted in {time.perf_counter() - start:.2f} s")
-    _relay_warnings(caught, log)
-    log(gm.summary(names=data.names))
     return gm
+
+
+def _fit_logged(fit, model, data: SeriesData, log) -> None:
+    """``fit()``, its warnings relayed (see :func:`_relay_warnings`), then the model's summary."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit()
+    _relay_warnings(caught, log)
+    log(model.summary(names=data.names))
 
 
 def _relay_warnings(caught, log) -> None:
@@ -520,14 +525,24 @@ def cmd_fit(args) -> int:
     _make_model(args)  # option errors before reading the file
     data = _read(args, log)
     gm = _fit(args, data, log)
-    table = fit_table(gm, data)
+    _write_outputs(gm, fit_table(gm, data), data, out, save, log)
+    return 0
+
+
+def _write_outputs(model, table: dict, data: SeriesData, out: "Path | None", save: "Path | None", log) -> None:
+    """The model to ``save`` (if given), then the table to ``out`` (None: CSV on stdout)."""
     if save is not None:
-        _save_model(gm, save)
+        _save_model(model, save)
         log(f"saved the model ({data.n_series} series) to {save}")
     write_table(out, table)
     if out is not None:
         log(f"wrote {len(table['series'])} rows ({data.n_series} series) to {out}")
-    return 0
+
+
+def _save_figure(fig, path: Path, dpi: int, log) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lower().lstrip(".").replace("jpg", "jpeg"), dpi=dpi)
+    log(f"wrote {path}")
 
 
 def _resolve_series(spec, data: SeriesData) -> "int | None":
@@ -554,9 +569,7 @@ def cmd_plot(args) -> int:
     gm = _fit(args, data, log)
     fig = plot_module.plot(gm, data.x, series=index, kind=args.kind, sample_weight=data.sample_weight,
                            names=data.names)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format=out.suffix.lower().lstrip(".").replace("jpg", "jpeg"), dpi=args.dpi)
-    log(f"wrote {out}")
+    _save_figure(fig, out, args.dpi, log)
     return 0
 
 
@@ -650,24 +663,12 @@ def cmd_regimes(args) -> int:
     if progress:
         log(f"fitting {data.n_series} hidden Markov models (K={args.n_components}, {args.covariance_type}, "
             f"n_init={args.n_init}, {args.method}) on {args.device} ...")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        hmm.fit(data.x, lengths)
-    _relay_warnings(caught, log)
-    log(hmm.summary(names=data.names))
-    table = regimes_table(hmm, data, lengths, points=args.points)
-    if save is not None:
-        _save_model(hmm, save)
-        log(f"saved the model ({data.n_series} series) to {save}")
-    write_table(out, table)
-    if out is not None:
-        log(f"wrote {len(table['series'])} rows ({data.n_series} series) to {out}")
+    _fit_logged(lambda: hmm.fit(data.x, lengths), hmm, data, log)
+    _write_outputs(hmm, regimes_table(hmm, data, lengths, points=args.points), data, out, save, log)
     if fig_path is not None:
         fig = plot_module.plot(hmm, data.x, series=index, kind="time", sample_weight=data.sample_weight,
                                names=data.names)
-        with atomic_path(fig_path) as tmp:
-            fig.savefig(tmp, format=fig_path.suffix.lower().lstrip(".").replace("jpg", "jpeg"), dpi=args.dpi)
-        log(f"wrote {fig_path}")
+        _save_figure(fig, fig_path, args.dpi, log)
     return 0
 
 
