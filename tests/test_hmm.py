@@ -463,3 +463,30 @@ def test_a_collapsed_state_is_described_as_a_state_without_mixing_weights():
     with pytest.warns(torchgmm.DegenerateWarning, match=r"collapsed: state \d on \(3\), variance"):
         hmm = torchgmm.GaussianHMM(2, n_init=2, random_state=0).fit(x)
     assert "weight" not in hmm.summary() and "state" in hmm.summary()
+
+
+@pytest.mark.parametrize("ct", ["full", "tied", "diag", "spherical"])
+def test_bic_and_aic_are_hmmlearns(ct):
+    hmm = pytest.importorskip("hmmlearn.hmm")
+    x = _three_regimes()
+    ours = _fit(torch.tensor(x), n_components=K, covariance_type=ct, tol=0.0, reg_covar=0.0, max_iter=3,
+                startprob_init=START, transmat_init=TRANS, means_init=MEANS, precisions_init=_precisions(ct))
+    ref = hmm.GaussianHMM(K, covariance_type=ct, init_params="", params="")  # the same parameters, no fit
+    ref.startprob_, ref.transmat_, ref.means_ = ours.startprob_.numpy(), ours.transmat_.numpy(), ours.means_.numpy()
+    covs = ours.covariances_.numpy()
+    ref.covars_ = covs
+    ref.n_features = D
+    assert ours.n_parameters() == ref._get_n_fit_scalars_per_param()["s"] + sum(
+        ref._get_n_fit_scalars_per_param()[c] for c in "tmc")
+    np.testing.assert_allclose(float(ours.bic(x)), ref.bic(x), rtol=1e-10)
+    np.testing.assert_allclose(float(ours.aic(x)), ref.aic(x), rtol=1e-10)
+
+
+def test_bic_prefers_the_true_number_of_regimes_per_ragged_sequence():
+    x, _ = _sticky_batch(6, 300, seed=4)  # 3 regimes each
+    lengths = torch.tensor([300, 250, 300, 200, 300, 280])
+    bics = torch.stack([_fit(x, lengths, n_components=k, n_init=3, random_state=0).bic(x, lengths) for k in (1, 2, 3, 4)])
+    assert bics.argmin(0).tolist() == [2] * 6  # K = 3 for every sequence
+    padded = _fit(x, lengths, n_components=3, n_init=3, random_state=0)
+    alone = _fit(x[1, :250], n_components=3, n_init=3, random_state=0)
+    torch.testing.assert_close(padded.bic(x, lengths)[1], alone.bic(x[1, :250]), rtol=1e-9, atol=1e-9)

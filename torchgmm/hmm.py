@@ -638,6 +638,29 @@ class GaussianHMM(GaussianAttributes, nn.Module):
             ll = log_likelihood(p.log_startprob, p.log_transmat, log_emissions(x, p, self._cov), valid)
         return ll / lens.to(ll.dtype)
 
+    def n_parameters(self) -> int:
+        """Free parameters of each model: the emissions' means and covariances, ``K - 1`` start
+        probabilities (in place of a mixture's weights) and ``K (K - 1)`` transitions."""
+        self._check_fitted()
+        k, d = self.loc.shape[-2:]
+        return self._cov.n_parameters(k, d) + k * (k - 1)
+
+    def bic(self, X, lengths=None) -> Tensor:
+        """Bayesian information criterion per sequence, ``(*B,)``: ``-2 log p(x) + n_parameters
+        log T`` with ``T`` the sequence's valid steps (lower is better; hmmlearn's ``bic``)."""
+        deviance, steps = self._deviance(X, lengths)
+        return deviance + self.n_parameters() * torch.log(steps)
+
+    def aic(self, X, lengths=None) -> Tensor:
+        """Akaike information criterion per sequence, ``(*B,)``: ``-2 log p(x) + 2 n_parameters``."""
+        return self._deviance(X, lengths)[0] + 2 * self.n_parameters()
+
+    def _deviance(self, X, lengths) -> tuple[Tensor, Tensor]:
+        """``(-2 log p(x), valid steps)`` per sequence."""
+        _, _, lens = self._validated(X, lengths)
+        steps = lens.to(self.loc.dtype)
+        return -2 * self.score(X, lengths) * steps, steps
+
     def predict_proba(self, X, lengths=None) -> Tensor:
         """Smoothed state posteriors ``p(z_t = k | x)``, ``(*B, T, K)`` (0 at padding)."""
         x, valid, _ = self._validated(X, lengths)
