@@ -364,10 +364,27 @@ def test_regimes_refuses_what_a_hidden_markov_model_cannot_take(tmp_path, capsys
     assert rc == 1 and stdout == "" and err.count("\n") == 1 and re.search(match, err), err
 
 
-def test_regimes_takes_one_k(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["regimes", "x.csv", "-k", "1-3"])
-    assert info.value.code == 2 and "'1-3' is not an integer" in capsys.readouterr().err
+def test_regimes_chooses_the_number_of_states_per_series(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    levels = {"one": [0.0], "two": [0.0, 6.0], "three": [0.0, 6.0, -6.0, 0.0]}  # regimes in turn, 40 steps each
+    series = {name: np.concatenate([rng.normal(m, 0.7, 40) for m in means]) for name, means in levels.items()}
+    src = _write_long_csv(tmp_path / "in.csv", series)
+    rc, stdout, err = _run(capsys, "regimes", src, "-k", "1-4", "--n-init", "3", "--save", tmp_path / "m.pt")
+    assert rc == 0 and "chosen by bic: K=1 for 1, K=2 for 1, K=3 for 1" in err
+    rows = _rows(stdout)
+    chosen = {r["series"]: int(r["n_states"]) for r in rows}
+    assert chosen == {"one": 1, "two": 2, "three": 3}
+    assert [(int(r["first"]), int(r["last"])) for r in rows if r["series"] == "three"] == [(0, 39), (40, 79), (80, 119), (120, 159)]
+    # each series' bic is its chosen model's, as that K fitted alone gives it
+    solo = torchgmm.GaussianHMM(2, n_init=3, random_state=0).fit(torch.tensor(series["two"]))
+    two = [r for r in rows if r["series"] == "two"]
+    assert float(two[0]["bic"]) == pytest.approx(float(solo.bic(torch.tensor(series["two"]))), rel=1e-6)
+    # the saved batch holds every series' chosen model (smaller ones padded with unreachable states)
+    rc, labelled, _ = _run(capsys, "predict", tmp_path / "m.pt", src, "--quiet")
+    states = {}
+    for r in _rows(labelled):
+        states.setdefault(r["series"], set()).add(int(r["state"]))
+    assert {name: len(s) for name, s in states.items()} == {"one": 1, "two": 2, "three": 3}
 
 
 def test_a_saved_regimes_model_labels_new_data_as_points_do(tmp_path, capsys):

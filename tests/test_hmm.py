@@ -490,3 +490,20 @@ def test_bic_prefers_the_true_number_of_regimes_per_ragged_sequence():
     padded = _fit(x, lengths, n_components=3, n_init=3, random_state=0)
     alone = _fit(x[1, :250], n_components=3, n_init=3, random_state=0)
     torch.testing.assert_close(padded.bic(x, lengths)[1], alone.bic(x[1, :250]), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("ct", ["full", "tied", "diag", "spherical"])
+def test_padded_states_are_never_reached(ct):
+    from torchgmm.covariance import get_covariance
+    from torchgmm.hmm import pad_states
+
+    x, _ = _sticky_batch(3, 80, seed=1)
+    lengths = torch.tensor([80, 60, 70])
+    small = _fit(x, lengths, n_components=2, covariance_type=ct, n_init=2, random_state=0)
+    big = GaussianHMM(5, covariance_type=ct).set_params_(pad_states(small._detached(), 5, get_covariance(ct)))
+    torch.testing.assert_close(big.score(x, lengths), small.score(x, lengths), rtol=1e-12, atol=1e-12)
+    assert torch.equal(big.predict(x, lengths), small.predict(x, lengths))
+    gamma = big.predict_proba(x, lengths)
+    assert float(gamma[..., 2:].abs().max()) == 0.0
+    torch.testing.assert_close(gamma[..., :2], small.predict_proba(x, lengths), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(big.transmat_.sum(-1), torch.ones(3, 5, dtype=torch.float64))

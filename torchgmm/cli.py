@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import FitStatus, GaussianHMM, GaussianMixture
+from .hmm import HMMParams, pad_states
 from .init import INIT_METHODS
 from .datasets import REPEATED_VALUE, seed_series, synthetic_series
 from .io import (DataError, SeriesData, TABLE_SUFFIXES, atomic_path, check_output_path, full_covariances,
@@ -184,17 +185,13 @@ def _add_read_options(p) -> None:
 
 
 def _add_fit_options(p, states: bool = False) -> None:
-    """The fitting options; ``states``: those of a hidden Markov model (one K, the number of
-    states; EM or gradient)."""
+    """The fitting options; ``states``: those of a hidden Markov model (K: the number of states;
+    EM or gradient)."""
     g = p.add_argument_group("fitting")
-    if states:
-        g.add_argument("-k", "--n-components", type=_positive_int, default=3, metavar="K",
-                       help="hidden states (regimes) per series")
-    else:
-        g.add_argument("-k", "--n-components", type=parse_k, default=3, metavar="K",
-                       help="components: a K (3), a range (1-5) or a list (1,2,4); several: the best per "
-                            "series by --criterion")
-        g.add_argument("--criterion", default="bic", choices=["bic", "aic"], help="how K is chosen from several")
+    g.add_argument("-k", "--n-components", type=parse_k, default=3, metavar="K",
+                   help=f"{'hidden states (regimes)' if states else 'components'}: a K (3), a range (1-5) or a list "
+                        "(1,2,4); several: the best per series by --criterion")
+    g.add_argument("--criterion", default="bic", choices=["bic", "aic"], help="how K is chosen from several")
     g.add_argument("--covariance-type", default="full", choices=["full", "tied", "diag", "spherical"],
                    help=f"covariance of the {'states' if states else 'components'} (the same for univariate data)")
     g.add_argument("--n-init", type=_positive_int, default=10, help="restarts per series (the best is kept)")
@@ -430,13 +427,14 @@ def _fit(args, data: SeriesData, log) -> GaussianMixture:
     return gm
 
 
-def _fit_logged(fit, model, data: SeriesData, log) -> None:
-    """``fit()``, its warnings relayed (see :func:`_relay_warnings`), then the model's summary."""
+def _fit_logged(fit, model, data: SeriesData, log, prefix: str = "") -> None:
+    """``fit()``, its warnings relayed (see :func:`_relay_warnings`), then the model's summary
+    (after ``prefix``)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit()
     _relay_warnings(caught, log)
-    log(model.summary(names=data.names))
+    log(prefix + model.summary(names=data.names))
 
 
 def _relay_warnings(caught, log) -> None:
@@ -601,12 +599,13 @@ def regime_runs(states: list) -> list:
 
 
 def regimes_table(hmm: GaussianHMM, data: SeriesData, lengths: torch.Tensor, points: bool = False,
-                  x: "torch.Tensor | None" = None) -> dict:
+                  x: "torch.Tensor | None" = None, per_series: "dict | None" = None) -> dict:
     """The Viterbi regimes of every series: one row per run (series, run, state, first, last,
     n_points, the state's mean (mean_<j>) and the run's own mean of the data (level, level_<j>),
-    status, log_likelihood per step) or, with ``points``, per point (series, index, state,
-    probability: the smoothed posterior of that state). ``x``: the data as the model takes them
-    (default: ``data.x`` on the model's device and dtype)."""
+    status, log_likelihood per step, then the columns of ``per_series`` (name -> one value per
+    series)) or, with ``points``, per point (series, index, state, probability: the smoothed
+    posterior of that state). ``x``: the data as the model takes them (default: ``data.x`` on the
+    model's device and dtype)."""
     b, d = data.n_series, data.x.shape[-1]
     x = data.x.to(device=hmm.loc.device, dtype=hmm.loc.dtype) if x is None else x
     lens = lengths.to(x.device)
@@ -625,16 +624,49 @@ def regimes_table(hmm: GaussianHMM, data: SeriesData, lengths: torch.Tensor, poi
         score = _cpu_list(hmm.score(x, lens).reshape(b))
     values = data.x.to(torch.float64).cpu()
     suffixes = [""] if d == 1 else [f"_{j}" for j in range(d)]
+    per_series = per_series or {}
     names = ["series", "run", "state", "first", "last", "n_points", *(f"mean{s}" for s in suffixes),
-             *(f"level{s}" for s in suffixes), "status", "log_likelihood"]
+             *(f"level{s}" for s in suffixes), "status", "log_likelihood", *per_series]
     table = {n: [] for n in names}
     for i in range(b):
         for r, (state, first, last) in enumerate(regime_runs(path[i].tolist())):
             level = values[i, first:last + 1].mean(0).tolist()
-            row = [data.names[i], r, state, first, last, last - first + 1, *means[i][state], *level, status[i], score[i]]
+            row = [data.names[i], r, state, first, last, last - first + 1, *means[i][state], *level, status[i], score[i],
+                   *(column[i] for column in per_series.values())]
             for n, v in zip(names, row):
                 table[n].append(v)
     return table
+
+
+def choose_states(models: dict, x: torch.Tensor, lengths: torch.Tensor, criterion: str) -> tuple:
+    """Each series' best number of states: ``models`` maps K to a ``GaussianHMM`` fitted to the
+    whole batch ``x (B, T, D)``; the lowest ``criterion`` (``"bic"`` or ``"aic"``) among the fits
+    that did not fail and have at most as many states as the series has points (the smallest K
+    where none qualifies). Returns ``(model, chosen K (B,), criterion (B,))``, the model being
+    every series' best one as one ``GaussianHMM`` of the largest K (the smaller models padded with
+    states never reached: :func:`torchgmm.hmm.pad_states`), with their status, iterations and
+    lower bounds."""
+    ks = sorted(models)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        crit = torch.stack([getattr(models[k], criterion)(x, lengths) for k in ks])  # (C, B)
+    # a model that failed, or has more states than the series has points, is no candidate
+    status = torch.stack([models[k].status_.reshape(-1) for k in ks])  # (C, B)
+    usable = torch.isfinite(crit) & (status < FitStatus.DIVERGED)
+    best = torch.where(usable, crit, torch.inf).argmin(0)  # (B,)
+    rows = torch.arange(best.shape[0], device=best.device)
+
+    def pick(tensors) -> torch.Tensor:
+        return torch.stack(list(tensors))[best, rows]
+
+    first = models[ks[-1]]
+    cov = first._cov
+    params = [pad_states(models[k]._detached(), ks[-1], cov) for k in ks]
+    model = GaussianHMM(ks[-1], covariance_type=first.covariance_type)
+    model.set_params_(HMMParams(*(pick(ts) for ts in zip(*params))))
+    for name in ("converged_", "n_iter_", "lower_bound_", "lower_bounds_", "status_"):
+        setattr(model, name, pick(getattr(models[k], name) for k in ks))
+    return model, torch.tensor(ks, device=best.device)[best], pick(crit)
 
 
 def cmd_regimes(args) -> int:
@@ -650,21 +682,31 @@ def cmd_regimes(args) -> int:
         raise CliError("--series picks the series to draw: pass --plot FIG too")
     save = check_output_path(args.save, (), "--save") if args.save else None
     _check_device(args.device)
-    hmm = GaussianHMM(
-        args.n_components, covariance_type=args.covariance_type, tol=args.tol, reg_covar=args.reg_covar,
-        max_iter=args.max_iter, n_init=args.n_init, init_params=args.init_params, random_state=args.seed,
+    ks = args.n_components if isinstance(args.n_components, list) else [args.n_components]
+    models = {k: GaussianHMM(
+        k, covariance_type=args.covariance_type, tol=args.tol, reg_covar=args.reg_covar, max_iter=args.max_iter,
+        n_init=args.n_init, init_params=args.init_params, random_state=args.seed,
         prior=None if args.prior == "none" else args.prior, device=args.device, dtype=getattr(torch, args.dtype),
         method=args.method,
-    )
+    ) for k in ks}
     data = _read(args, log)
     index = _resolve_series(args.series, data)
     lengths = _lengths_of(data)
     progress = not args.quiet and sys.stderr.isatty()
-    if progress:
-        log(f"fitting {data.n_series} hidden Markov models (K={args.n_components}, {args.covariance_type}, "
-            f"n_init={args.n_init}, {args.method}) on {args.device} ...")
-    _fit_logged(lambda: hmm.fit(data.x, lengths), hmm, data, log)
-    _write_outputs(hmm, regimes_table(hmm, data, lengths, points=args.points), data, out, save, log)
+    for k, model in models.items():
+        if progress:
+            log(f"fitting {data.n_series} hidden Markov models (K={k}, {args.covariance_type}, "
+                f"n_init={args.n_init}, {args.method}) on {args.device} ...")
+        _fit_logged(lambda: model.fit(data.x, lengths), model, data, log, prefix=f"K={k}: " if len(ks) > 1 else "")
+    x = data.x.to(device=models[ks[0]].loc.device, dtype=models[ks[0]].loc.dtype)
+    lens = lengths.to(x.device)
+    hmm, chosen, crit = choose_states(models, x, lens, args.criterion)
+    if len(ks) > 1:
+        counts = torch.bincount(chosen.cpu(), minlength=max(ks) + 1)
+        log(f"chosen by {args.criterion}: " + ", ".join(f"K={k} for {int(counts[k])}" for k in ks if counts[k] > 0))
+    per_series = {"n_states": _cpu_list(chosen), args.criterion: _cpu_list(crit)}
+    _write_outputs(hmm, regimes_table(hmm, data, lengths, points=args.points, per_series=per_series), data, out,
+                   save, log)
     if fig_path is not None:
         fig = plot_module.plot(hmm, data.x, series=index, kind="time", sample_weight=data.sample_weight,
                                names=data.names)

@@ -46,7 +46,7 @@ from .units import Scaling, standardize
 from .validation import NotFittedError
 
 __all__ = ["GaussianHMM", "HMMParams", "HMMRule", "HMMLBFGSRule", "HMMAdamRule", "HMMFit", "fit_hmm", "METHODS",
-           "STAY_PROBABILITY"]
+           "STAY_PROBABILITY", "pad_states"]
 
 #: Diagonal of the default initial transition matrix (the rest of each row split evenly): a
 #: sticky start, which favours regimes over state-flipping; K = 1 gives [[1]].
@@ -69,6 +69,34 @@ class HMMParams(NamedTuple):
         """The emission densities as mixture parameters with zero log-weights: with them
         ``joint_log_prob`` is ``log N(x_t | k)``."""
         return GMMParams(torch.zeros_like(self.log_startprob), self.means, self.prec_chol)
+
+
+def pad_states(params: HMMParams, n_states: int, cov: Covariance) -> HMMParams:
+    """``params`` of ``K`` states as a model of ``n_states >= K`` states whose extra states are
+    never reached: their start and incoming transition probabilities exactly 0 (log ``-inf``), each
+    staying in itself, their emissions the first state's. The same likelihood, posteriors (0 for
+    the extra states) and Viterbi paths: models of different K as one batch (a choice of K per
+    series)."""
+    k = params.means.shape[-2]
+    extra = n_states - k
+    if extra == 0:
+        return params
+    lead = params.log_startprob.shape[:-1]
+    never = params.log_startprob.new_full((*lead, extra), -torch.inf)
+    log_start = torch.cat([params.log_startprob, never], -1)
+    into = torch.cat([params.log_transmat, never.unsqueeze(-2).expand(*lead, k, extra)], -1)  # (*B, K, n)
+    stay = torch.where(torch.eye(n_states, dtype=torch.bool, device=into.device)[k:], 0.0, -torch.inf).to(into.dtype)
+    log_trans = torch.cat([into, stay.expand(*lead, extra, n_states)], -2)
+
+    def repeat_first(t: Tensor, axis: int) -> Tensor:  # the first state's values for the extra states
+        axis %= t.dim()
+        shape = list(t.shape)
+        shape[axis] = extra
+        return torch.cat([t, t.narrow(axis, 0, 1).expand(shape)], axis)
+
+    means = repeat_first(params.means, -2)
+    prec_chol = params.prec_chol if cov.component_axis is None else repeat_first(params.prec_chol, cov.component_axis)
+    return HMMParams(log_start, log_trans, means, prec_chol)
 
 
 def log_emissions(x: Tensor, params: HMMParams, cov: Covariance) -> Tensor:
