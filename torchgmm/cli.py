@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import FitStatus, GaussianHMM, GaussianMixture
+from .covariance import get_covariance
 from .hmm import HMMParams, pad_states
 from .init import INIT_METHODS
 from .datasets import REPEATED_VALUE, seed_series, synthetic_series
@@ -647,6 +648,12 @@ def choose_states(models: dict, x: torch.Tensor, lengths: torch.Tensor, criterio
     states never reached: :func:`torchgmm.hmm.pad_states`), with their status, iterations and
     lower bounds."""
     ks = sorted(models)
+    if len(ks) == 1:  # nothing to choose: the fitted model itself, with its fit record
+        model = models[ks[0]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            crit = getattr(model, criterion)(x, lengths)
+        return model, torch.full_like(crit, ks[0], dtype=torch.long), crit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         crit = torch.stack([getattr(models[k], criterion)(x, lengths) for k in ks])  # (C, B)
@@ -659,10 +666,9 @@ def choose_states(models: dict, x: torch.Tensor, lengths: torch.Tensor, criterio
     def pick(tensors) -> torch.Tensor:
         return torch.stack(list(tensors))[best, rows]
 
-    first = models[ks[-1]]
-    cov = first._cov
-    params = [pad_states(models[k]._detached(), ks[-1], cov) for k in ks]
-    model = GaussianHMM(ks[-1], covariance_type=first.covariance_type)
+    cov_type = models[ks[-1]].covariance_type
+    params = [pad_states(models[k]._detached(), ks[-1], get_covariance(cov_type)) for k in ks]
+    model = GaussianHMM(ks[-1], covariance_type=cov_type)
     model.set_params_(HMMParams(*(pick(ts) for ts in zip(*params))))
     for name in ("converged_", "n_iter_", "lower_bound_", "lower_bounds_", "status_"):
         setattr(model, name, pick(getattr(models[k], name) for k in ks))
@@ -705,8 +711,8 @@ def cmd_regimes(args) -> int:
         counts = torch.bincount(chosen.cpu(), minlength=max(ks) + 1)
         log(f"chosen by {args.criterion}: " + ", ".join(f"K={k} for {int(counts[k])}" for k in ks if counts[k] > 0))
     per_series = {"n_states": _cpu_list(chosen), args.criterion: _cpu_list(crit)}
-    _write_outputs(hmm, regimes_table(hmm, data, lengths, points=args.points, per_series=per_series), data, out,
-                   save, log)
+    _write_outputs(hmm, regimes_table(hmm, data, lengths, points=args.points, x=x, per_series=per_series), data,
+                   out, save, log)
     if fig_path is not None:
         fig = plot_module.plot(hmm, data.x, series=index, kind="time", sample_weight=data.sample_weight,
                                names=data.names)

@@ -22,9 +22,10 @@ from .covariance import Covariance, get_covariance
 from .density import GMMParams, univariate_quadratic
 from .loop import Batch, Start, Step, all_finite
 from .objective import penalized_params
-from .stats import Stats, chunked_sum, e_step_statistics, expansion_unsafe, fast_e_step_statistics, m_step, underflow_floor
+from .stats import (Stats, chunked_sum, e_step_statistics, expansion_unsafe, fast_e_step_statistics, m_step,
+                    underflow_floor, univariate_stats_about)
 
-__all__ = ["em_step", "in_blocks", "log_likelihood", "EMRule", "UnivariateEMRule", "EMMap"]
+__all__ = ["em_step", "keep_masked", "in_blocks", "log_likelihood", "EMRule", "UnivariateEMRule", "EMMap"]
 
 # (x, w, w_total, params, cov, reg_covar, prior, chunk_size) -> (new params, lower bound, ok)
 EMMap = Callable[..., tuple]
@@ -50,10 +51,14 @@ def em_step(
         x, w, e_params, block_members,
     )
     new, ok = m_step(stats, params.means, cov, reg_covar, prior)
-    # A component of weight exactly 0 (masked: a model with fewer components) stays at weight 0;
-    # only the M-step's guard against empty components would give it a tiny one.
-    new = new._replace(log_weights=torch.where(torch.isneginf(params.log_weights), params.log_weights, new.log_weights))
-    return new, stats.log_lik / w_total, ok
+    return keep_masked(new, params.log_weights), stats.log_lik / w_total, ok
+
+
+def keep_masked(new: GMMParams, log_weights: Tensor) -> GMMParams:
+    """``new`` with the components of weight exactly 0 in ``log_weights`` (masked: a model with
+    fewer components) still at weight 0: only the M-step's guard against empty components would
+    give them a tiny one."""
+    return new._replace(log_weights=torch.where(torch.isneginf(log_weights), log_weights, new.log_weights))
 
 
 def in_blocks(stats_of: Callable[..., Stats], x, w, params: GMMParams, block_members: Optional[int]) -> Stats:
@@ -174,13 +179,10 @@ class UnivariateEMRule:
         value = (w_share * s.log()).sum(-1)  # (*L): mean log-likelihood before the update
         e.div_(s.unsqueeze(-2))  # responsibilities
         moments = torch.bmm(e, feats) if e.dim() == 3 else e @ feats  # (*L, K, 3): sums of r, r x, r x^2
-        s0, s1, s2 = moments.split_with_sizes((1, 1, 1), -1)  # (*L, K, 1) each
-        sum_diff = torch.addcmul(s1, s0, mu, value=-1)  # about the current means
-        centred = torch.addcmul(s2, mu, s1 + sum_diff, value=-1)  # sum r (x - mu)^2
-        stats = Stats(s0.squeeze(-1), sum_diff, self.cov.univariate_scatter(centred.squeeze(-1)), value)
+        stats = univariate_stats_about(*moments.unbind(-1), mu.squeeze(-1), self.cov, value)  # about the current means
         new, ok = m_step(stats, p.means, self.cov, batch.reg)
         if self._masked:  # a component of weight exactly 0 stays at 0, as in em_step
-            new = new._replace(log_weights=torch.where(torch.isneginf(p.log_weights), p.log_weights, new.log_weights))
+            new = keep_masked(new, p.log_weights)
         new, value, ok = batch.flat((new, value, ok))
         unsafe = expansion_unsafe(c2, mu).any() if x.dtype != torch.float64 else None
         self._guards.append((s.amin(), value, unsafe))

@@ -40,8 +40,8 @@ from .gradient import AdamRule, LBFGSRule
 from .loop import Batch, Members, Start, Step, all_finite, run_members
 from .objective import ParamPacker
 from .mixture import GaussianAttributes
-from .result import FitResult, FitStatus, FitWarning
-from .stats import Stats, expansion_unsafe, m_step, statistics
+from .result import FitResult, FitWarning
+from .stats import expansion_unsafe, m_step, statistics, univariate_stats_about
 from .units import Scaling, standardize
 from .validation import NotFittedError
 
@@ -157,15 +157,11 @@ def _univariate_em_step(x: Tensor, valid: Tensor, w_total: Tensor, params: HMMPa
     log_lik, gamma, counts = posteriors_member_last(start, trans, e, v)  # gamma 0 at padding
     gx = torch.mul(gamma, xm, out=e)  # (the emissions are spent)
     s0, s1, s2 = gamma.sum(0).mT, gx.sum(0).mT, gx.mul_(xm).sum(0).mT  # (S, K)
-    # The statistics about the current means, from the moments: nk, sum r (x - mu), and the scatter
-    # sum r (x - mu)^2 = s2 - 2 mu s1 + mu^2 s0 shaped by the covariance type (its scatter of one
-    # pseudo-point per state at that distance), then the mixture's M-step.
+    # The statistics about the current means from the moments (the mixture's fast paths' own), the
+    # scatter floored at 0 (rounding of a tiny state), then the mixture's M-step.
     mu_s = mu.reshape(n, k)
-    sum_diff = s1 - s0 * mu_s
-    centred = (s2 - mu_s * (s1 + sum_diff)).clamp_min(0.0)
-    ones = torch.ones_like(s0).unsqueeze(-1)  # (S, K, 1)
-    scatter = cov.scatter(centred.sqrt()[..., None, None], ones)
-    stats = Stats(s0, sum_diff.unsqueeze(-1), scatter, torch.zeros_like(log_lik))
+    stats = univariate_stats_about(s0, s1, s2, mu_s, cov, torch.zeros_like(log_lik))
+    stats = stats._replace(scatter=stats.scatter.clamp_min(0.0))
     emission, ok = m_step(stats, mu_s.unsqueeze(-1), cov, reg.expand(lead).reshape(n), None)
     means, prec_chol = emission.means, emission.prec_chol
     log_start, log_trans = _transitions(gamma[0].mT, counts.permute(2, 0, 1), params.log_transmat.reshape(n, k, k))
@@ -660,11 +656,16 @@ class GaussianHMM(GaussianAttributes, nn.Module):
 
     def score(self, X, lengths=None) -> Tensor:
         """Mean log-likelihood per valid step, ``(*B,)``."""
+        ll, steps = self._log_likelihood(X, lengths)
+        return ll / steps
+
+    def _log_likelihood(self, X, lengths) -> tuple[Tensor, Tensor]:
+        """``(log p(x), valid steps)`` per sequence, detached."""
         x, valid, lens = self._validated(X, lengths)
         with torch.no_grad():
             p = self._detached()
             ll = log_likelihood(p.log_startprob, p.log_transmat, log_emissions(x, p, self._cov), valid)
-        return ll / lens.to(ll.dtype)
+        return ll, lens.to(ll.dtype)
 
     def n_parameters(self) -> int:
         """Free parameters of each model: the emissions' means and covariances, ``K - 1`` start
@@ -676,18 +677,12 @@ class GaussianHMM(GaussianAttributes, nn.Module):
     def bic(self, X, lengths=None) -> Tensor:
         """Bayesian information criterion per sequence, ``(*B,)``: ``-2 log p(x) + n_parameters
         log T`` with ``T`` the sequence's valid steps (lower is better; hmmlearn's ``bic``)."""
-        deviance, steps = self._deviance(X, lengths)
-        return deviance + self.n_parameters() * torch.log(steps)
+        ll, steps = self._log_likelihood(X, lengths)
+        return -2 * ll + self.n_parameters() * torch.log(steps)
 
     def aic(self, X, lengths=None) -> Tensor:
         """Akaike information criterion per sequence, ``(*B,)``: ``-2 log p(x) + 2 n_parameters``."""
-        return self._deviance(X, lengths)[0] + 2 * self.n_parameters()
-
-    def _deviance(self, X, lengths) -> tuple[Tensor, Tensor]:
-        """``(-2 log p(x), valid steps)`` per sequence."""
-        _, _, lens = self._validated(X, lengths)
-        steps = lens.to(self.loc.dtype)
-        return -2 * self.score(X, lengths) * steps, steps
+        return -2 * self._log_likelihood(X, lengths)[0] + 2 * self.n_parameters()
 
     def predict_proba(self, X, lengths=None) -> Tensor:
         """Smoothed state posteriors ``p(z_t = k | x)``, ``(*B, T, K)`` (0 at padding)."""

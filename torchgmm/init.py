@@ -18,6 +18,7 @@ import functools
 import math
 import operator
 from typing import Optional
+
 import numpy as np
 import torch
 from torch import Tensor

@@ -23,7 +23,7 @@ from .density import (GMMParams, _log_peak, joint_log_prob_and_diff, quadratic_c
                       univariate_coefficients, whitened)
 
 __all__ = [
-    "Stats", "sum_sq_about", "statistics", "e_step_statistics", "univariate_statistics", "fast_e_step_statistics", "moment_statistics", "partition_statistics", "m_step",
+    "Stats", "sum_sq_about", "univariate_stats_about", "statistics", "e_step_statistics", "univariate_statistics", "fast_e_step_statistics", "moment_statistics", "partition_statistics", "m_step",
     "chunked_sum", "point_chunks",
     "params_from_responsibilities",
 ]
@@ -82,6 +82,17 @@ def e_step_statistics(
 # variance; beyond it (tight or collapsed components far from the series' centre) the series (a row
 # with its restarts) runs in float64.
 _FLOAT32_EXPANSION_LIMIT = 1e3
+
+
+def univariate_stats_about(s0: Tensor, s1: Tensor, s2: Tensor, mu: Tensor, covariance_type: str | Covariance,
+                           log_lik: Tensor) -> Stats:
+    """:class:`Stats` about the means ``mu (*L, K)`` of univariate points from their sums ``s0 =
+    sum r``, ``s1 = sum r x``, ``s2 = sum r x^2`` (each ``(*L, K)``: the fast paths' moments), with
+    ``log_lik``: ``sum r (x - mu) = s1 - s0 mu`` and ``sum r (x - mu)^2 = s2 - mu (s1 + sum r (x -
+    mu))``."""
+    sum_diff = torch.addcmul(s1, s0, mu, value=-1)
+    centred = torch.addcmul(s2, mu, s1 + sum_diff, value=-1)
+    return Stats(s0, sum_diff.unsqueeze(-1), get_covariance(covariance_type).univariate_scatter(centred), log_lik)
 
 
 def underflow_floor(dtype: torch.dtype) -> float:
@@ -144,11 +155,7 @@ def univariate_statistics(x: Tensor, w: Tensor, params: GMMParams, covariance_ty
 
     moments, log_lik = _expanded_pass(joint_log_prob, feats, wf.expand(*outer, n).reshape(g, 1, n), r, k)
     moments, log_lik = _from_rows(moments, outer, r, k, 1), _from_rows(log_lik, outer, r, None, 0)  # (*L, K, 3), (*L)
-    s0, s1, s2 = moments.unbind(-1)  # (*L, K) each: sums of r, r x, r x^2
-    mu = params.means.squeeze(-1)
-    sum_diff = s1 - s0 * mu
-    centred = sum_sq_about(s0, s1, s2, mu)  # sum r (x - mu)^2
-    return Stats(s0, sum_diff.unsqueeze(-1), cov.univariate_scatter(centred), log_lik)
+    return univariate_stats_about(*moments.unbind(-1), params.means.squeeze(-1), cov, log_lik)
 
 
 def _expanded_pass(joint_log_prob: Callable[[], Tensor], feats: Tensor, wg: Tensor, r: int, k: int) -> tuple[Tensor, Tensor]:
