@@ -286,7 +286,6 @@ def w1_ratio(repeats: int = 5):
     """W1 (1,000 synthetic univariate series of 500 points, K=3, n_init=10): the time of
     ``torchgmm.fit`` with today's starts against the pre-issue-14 starts (every restart k-means++
     seeds + 5 Lloyd steps), interleaved in one process; the minimum of ``repeats`` each."""
-    import torch
     import torchgmm
     import torchgmm.fitting as fitting
     import torchgmm.init as tinit

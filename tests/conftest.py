@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:  # tests run from a checkout without installing th
     sys.path.insert(0, str(ROOT))
 
 import torchgmm  # noqa: E402
-from torchgmm import ConvergenceWarning, DegenerateWarning, FitResult, FitStatus, FitWarning  # noqa: E402
+from torchgmm import ConvergenceWarning, DegenerateWarning, FitResult, FitStatus  # noqa: E402
 
 # The tests fit small problems: one thread (torch's and BLAS's, which scikit-learn uses) avoids
 # oversubscription; on two shared cores the default pools made a 5-series fit ~100x slower.

@@ -9,7 +9,6 @@ products inside the graph).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -7,7 +7,6 @@ so the iteration at which ``|change| < tol`` holds is known per member.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
-import torchgmm
 from torchgmm import GMMParams
 from torchgmm.covariance import get_covariance
 from torchgmm.density import log_prob, responsibilities

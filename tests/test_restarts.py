@@ -12,7 +12,7 @@ import torch
 from sklearn.datasets import load_iris, load_wine
 
 import torchgmm
-from torchgmm.density import GMMParams, log_responsibilities
+from torchgmm.density import log_responsibilities
 from torchgmm.hierarchical import agglomerate, subsample
 from torchgmm.init import _start, initialize, kmeans, make_generator, _partition_params, _seed_points
 from torchgmm.units import standardize

@@ -18,7 +18,7 @@ from .validation import NotFittedError
 __version__ = "0.1.0"
 
 __all__ = [
-    "GaussianMixture", "fit", "load", "EM", "SQUAREM", "Gradient", "compare", "Comparison", "FitResult", "FitStatus", "GMMParams", "NotFittedError",
+    "GaussianMixture", "GaussianHMM", "fit", "load", "EM", "SQUAREM", "Gradient", "compare", "Comparison", "FitResult", "FitStatus", "GMMParams", "NotFittedError",
     "FitWarning", "ConvergenceWarning", "DegenerateWarning",
     "component_log_prob", "log_prob", "log_responsibilities", "responsibilities",
     "COVARIANCE_TYPES", "Covariance", "get_covariance",

@@ -64,7 +64,7 @@ def demo(n_series: int = 1000) -> None:
     print(_describe_univariate(gm))
     print(f"    mean log-likelihood {float(gm.lower_bound_):.4f} per point; status {FitStatus(int(gm.status_)).name}")
 
-    print(f"\n== The same series from 100 random data points (one call, n_init=100)")
+    print("\n== The same series from 100 random data points (one call, n_init=100)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rnd = GaussianMixture(3, init_params="random_from_data", n_init=100, random_state=0, tol=1e-6).fit(x)

@@ -142,7 +142,7 @@ def _viterbi_scan(start: Tensor, trans: Tensor, e: Tensor, v: Optional[Tensor]) 
     """Viterbi without a loop over time: the best scores ``delta_t`` by a max-plus scan, every
     step's back-pointers at once, and the path by a scan of composed back-pointer maps.
     ``(states (T, S), log_p (S,))``."""
-    n_steps, k = e.shape[0], e.shape[1]
+    n_steps = e.shape[0]
     delta0 = start + e[0]  # (K, S)
     if n_steps == 1:
         log_p, state = delta0.max(0)

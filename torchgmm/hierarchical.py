@@ -32,7 +32,7 @@ Pure tensor functions; no validation here.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor

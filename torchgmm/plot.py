@@ -35,8 +35,7 @@ _DEGENERATE = "#d62728"
 def require_matplotlib():
     """Import matplotlib, or raise ImportError with the install hint."""
     try:
-        import matplotlib  # noqa: F401
-        from matplotlib.figure import Figure  # noqa: F401
+        import matplotlib.figure  # (the module the figures are built from)
     except ImportError:
         raise ImportError(f"torchgmm.plot needs matplotlib: {PLOT_HINT}") from None
     return matplotlib

@@ -23,11 +23,11 @@ state is not a setting). The fit record ``result_`` is not saved.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import mixture
 from .mixture import _PARAMETERS, GaussianMixture
