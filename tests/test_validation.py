@@ -142,6 +142,11 @@ def test_mis_shaped_means_init_raises_with_both_shapes(batch):
         torchgmm.fit(batch, 2, means_init=torch.zeros(3, 2))
 
 
+def test_mis_shaped_means_init_of_one_dataset_names_one_shape():
+    with pytest.raises(ValueError, match=r"means_init has shape \(3, 1\); expected \(2, 1\)$"):
+        torchgmm.fit(torch.randn(10), 2, means_init=[[0.0], [1.0], [2.0]])
+
+
 def test_means_init_with_wrong_batch_dims_raises(batch):
     with pytest.raises(ValueError, match=r"means_init has batch shape \(5,\).*batch shape \(2, 3\)"):
         torchgmm.fit(batch, 2, means_init=torch.zeros(5, 2, 2))

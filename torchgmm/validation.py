@@ -335,10 +335,8 @@ def batched_init(
     t = t.detach().to(device=device, dtype=dtype)
     n_event = len(event_shape)
     if tuple(t.shape[t.dim() - n_event:]) != tuple(event_shape) or t.dim() < n_event:
-        raise ValueError(
-            f"{name} has shape {tuple(t.shape)}; expected {tuple(event_shape)} or "
-            f"{tuple(batch_shape) + tuple(event_shape)} (batch dims in front)"
-        )
+        batched = f" or {tuple(batch_shape) + tuple(event_shape)} (batch dims in front)" if len(batch_shape) else ""
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(event_shape)}{batched}")
     try:
         return torch.broadcast_to(t, tuple(batch_shape) + tuple(event_shape))
     except RuntimeError:
