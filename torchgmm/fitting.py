@@ -4,8 +4,8 @@
 
     validate X, weights, settings           [validation]   fold NaN rows / padding into zero weights
       -> flatten the batch to (B, N, D)      [prepare]       count positive-weight points per series
-      -> standardize per series              [units]         shift, scale; reg_covar rescaled alike
       -> plan chunks, blocks, compilation    [plan]
+      -> standardize per series              [units]         shift, scale; reg_covar rescaled alike
       -> initialize (B, R, ...) restarts     [init]          or the given / warm-start parameters
       -> advance every member                [loop + the method's step rule: em, squarem, gradient]
       -> choose the best restart per series  [result]        degenerate flags, status, data units
