@@ -13,7 +13,7 @@ import torch
 
 import torchgmm
 from torchgmm import cli
-from torchgmm.cli import build_parser, main, parse_k, supports_model_selection
+from torchgmm.cli import build_parser, main, parse_k
 from torchgmm.datasets import seed_series, synthetic_series
 
 FAST = ["--n-init", "2", "--max-iter", "30"]
@@ -234,7 +234,6 @@ def test_progress_lines_when_stderr_is_a_terminal(tmp_path, capsys, monkeypatch)
     assert rc == 0 and "fitting 1 series (K=1" in err and "fitted in " in err
 
 
-@pytest.mark.xfail(not supports_model_selection(), strict=False, reason="model selection lands with the core")
 def test_k_range_chooses_k_per_series(tmp_path, capsys):
     rng = np.random.default_rng(3)
     series = {"one": rng.normal(0, 1, 200), "two": np.concatenate([rng.normal(-8, 1, 100), rng.normal(8, 1, 100)])}

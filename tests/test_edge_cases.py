@@ -3,8 +3,7 @@ row's promise (``test_rowNN_...`` tests row NN).
 
 "Error" means a ValueError/TypeError whose message names the argument, the shape and, in a batch,
 the offending series. "Flag" means no exception: the series gets a status in ``status_`` and the
-call emits one summarized warning. Rows whose promise needs a change in the core are written as
-strict xfails whose reason names the change (see docs/robustness.md).
+call emits one summarized warning. docs/robustness.md says which test checks each row.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ renamed into place, so a failed run leaves no partial file. See docs/cli.md.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import re
 import sys
@@ -391,11 +390,6 @@ def _check_device(spec: str) -> torch.device:
     return device
 
 
-def supports_model_selection() -> bool:
-    """Whether this GaussianMixture takes a list of K and a ``criterion`` (model selection)."""
-    return "criterion" in inspect.signature(GaussianMixture.__init__).parameters
-
-
 def _make_model(args) -> GaussianMixture:
     kwargs = dict(
         covariance_type=args.covariance_type, n_init=args.n_init, max_iter=args.max_iter, tol=args.tol,
@@ -405,10 +399,7 @@ def _make_model(args) -> GaussianMixture:
         dtype=torch.float32 if args.dtype == "float32" else torch.float64,
     )
     k = args.n_components
-    if isinstance(k, list):
-        if not supports_model_selection():
-            raise CliError(f"-k {','.join(map(str, k))}: choosing K needs GaussianMixture(n_components=[...], "
-                           "criterion=...), which this version of torchgmm does not have; pass one K")
+    if isinstance(k, list):  # model selection: each series' best K by the criterion
         kwargs["criterion"] = args.criterion
     return GaussianMixture(k, **kwargs)
 
