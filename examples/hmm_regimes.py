@@ -41,7 +41,7 @@ def main():
     for k in order:
         print(f"  state {name[k]:6s} mean {float(hmm.means_[k, 0]):8.3f}  sd {float(hmm.covariances_[k, 0, 0].sqrt()):6.3f}  "
               f"stays with probability {float(hmm.transmat_[k, k]):.3f}")
-    print("Regimes (Viterbi path as runs; steps are 0-based, stop exclusive):")
+    print("Regimes (Viterbi path as runs; steps are 0-based, first-last inclusive):")
     for k, start, stop in runs(path):
         values = x[start:stop]
         print(f"  steps {start:2d}-{stop - 1:2d} ({stop - start:2d} steps): {name[k]:6s} "
