@@ -93,6 +93,36 @@ def test_objective_without_penalty_is_mean_log_likelihood_of_the_density():
 
 
 @pytest.mark.parametrize("cov_type", COV_TYPES)
+@pytest.mark.parametrize("d", [1, 3, 9])
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_evaluation_from_one_e_step_equals_autograd_through_the_objective(cov_type, d, with_prior):
+    """The gradient mode's value and gradient (one E-step's statistics, EM's Q: Fisher's identity)
+    equal autograd through the objective, at random parameters, with padded points, a prior, and
+    restarts sharing their series' points (the three E-step forms: univariate, quadratic,
+    whitened)."""
+    from torchgmm.gradient import _value_and_grad
+    from torchgmm.loop import Members
+    from torchgmm.prior import make_prior
+
+    cov = torchgmm.get_covariance(cov_type)
+    b, r, k = 3, 2, 3
+    x = clusters(b, n=80, d=d, k=k, spread=2.0)
+    w = torch.ones(x.shape[:2], dtype=x.dtype)
+    w[1, 50:] = 0  # padding
+    xs, _, _, reg = standardize(x, w, 1e-2)
+    prior = make_prior("default", xs, w, k, cov) if with_prior else None
+    batch = Members(xs, w, reg, prior, r).batch()  # (B, R) against the data broadcast as (B, 1, N, D)
+    packer = ParamPacker(cov, k, d)
+    theta = 0.4 * torch.randn(b * r, packer.size, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    f, g = _value_and_grad(theta, batch, packer, None)
+    leaf = theta.reshape(b, r, -1).clone().requires_grad_(True)
+    ref = objective(batch.x, batch.w, packer.unpack(leaf), cov, batch.reg, batch.prior, w_total=batch.w_total)
+    (ref_g,) = torch.autograd.grad(ref.sum(), leaf)
+    torch.testing.assert_close(f, -ref.detach().reshape(-1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(g, -ref_g.reshape(b * r, -1), rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
 def test_em_on_the_objective_never_decreases_it(cov_type):
     xs, w, _, init = prepared(clusters(4, spread=2.0), cov_type)
     reg = torch.full((4,), 0.05, dtype=xs.dtype)  # a penalty large enough to matter

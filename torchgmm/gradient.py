@@ -1,9 +1,12 @@
 """Gradient-based maximum likelihood on THE log-density: L-BFGS and Adam as step rules.
 
-Both maximize the shared objective ``F`` of ``torchgmm.objective`` (the same one EM increases),
-evaluated through :func:`torchgmm.density.log_prob` (no second copy of the math), on the
-unconstrained parameters of :class:`torchgmm.objective.ParamPacker` (softmax logits, means, and
-the precision Cholesky factor with a log-diagonal), one vector per member.
+Both maximize the shared objective ``F`` of ``torchgmm.objective`` (the same one EM increases) on
+the unconstrained parameters of :class:`torchgmm.objective.ParamPacker` (softmax logits, means, and
+the precision Cholesky factor with a log-diagonal), one vector per member. An evaluation is one
+E-step through EM's own statistics (the one log-density, its fast paths) and the gradient of EM's
+``Q`` at the same parameters (Fisher's identity), by autograd through the parameters alone: about
+the cost of an EM iteration, where autograd through the points cost ~3x more (measured: 140 ->
+45 us per member and evaluation on 300 points, D = 2, K = 3).
 
 - L-BFGS is per member: each member has its own curvature pairs, its own step length and its own
   backtracking Armijo line search (batched two-loop recursion). Not ``torch.optim.LBFGS``, which
@@ -40,8 +43,8 @@ from torch import Tensor
 from .covariance import Covariance, get_covariance
 from .density import GMMParams
 from .loop import Batch, Start, Step
-from .objective import ParamPacker, objective
-from .stats import point_chunks
+from .objective import ParamPacker, log_prior, objective, penalized_params
+from .stats import chunked_sum, expected_log_joint, fast_e_step_statistics
 
 __all__ = ["LBFGSRule", "AdamRule", "DEFAULT_LR"]
 
@@ -57,21 +60,27 @@ CALM_STEPS = 2
 
 
 def _value_and_grad(theta: Tensor, batch: Batch, packer: ParamPacker, chunk_size) -> tuple[Tensor, Tensor]:
-    """``(-F (S,), -dF/dtheta (S, P))`` for flat ``theta (S, P)`` of the members of ``batch``: one
-    data pass (forward and backward), chunked over points; the prior enters once."""
+    """``(-F (S,), -dF/dtheta (S, P))`` for flat ``theta (S, P)`` of the members of ``batch``, from
+    one E-step: the statistics of the tilted parameters (``objective.penalized_params``) by EM's own
+    fast paths (:func:`torchgmm.stats.fast_e_step_statistics`, chunked over points, no autograd over
+    the points) give ``F``; the gradient is that of EM's ``Q`` at the same parameters
+    (:func:`torchgmm.stats.expected_log_joint`, Fisher's identity: equal to the gradient of ``F``,
+    tested against autograd through :func:`torchgmm.objective.objective`), taken by autograd through
+    the parameters alone; the prior enters once."""
     theta = theta.detach().reshape(*batch.lead, packer.size).requires_grad_(True)
-    value = torch.zeros(batch.lead, dtype=theta.dtype, device=theta.device)
-    grad = torch.zeros_like(theta)
     with torch.enable_grad():
-        for i, part in enumerate(point_chunks(batch.x.shape[-2], chunk_size)):
-            f = objective(
-                batch.x[..., part, :], batch.w[..., part], packer.unpack(theta), packer.cov, batch.reg,
-                batch.prior if i == 0 else None, w_total=batch.w_total,
-            )
-            (g,) = torch.autograd.grad(f.sum(), theta)
-            value += f.detach()
-            grad += g
-    return -value.reshape(-1), -grad.reshape(-1, packer.size)
+        params = packer.unpack(theta)
+        tilted = penalized_params(params, packer.cov, batch.reg)
+        fixed = tilted.map(Tensor.detach)
+        with torch.no_grad():
+            stats = chunked_sum(lambda xc, wc: fast_e_step_statistics(xc, wc, fixed, packer.cov), batch.x, batch.w, chunk_size)
+        q = expected_log_joint(stats, fixed.means, tilted, packer.cov)  # (*lead); its gradient is F's, times W
+        f = (stats.log_lik + (q - q.detach())) / batch.w_total
+        extra = log_prior(batch.prior, params, packer.cov)
+        if extra is not None:
+            f = f + extra / batch.w_total
+        (grad,) = torch.autograd.grad(f.sum(), theta)
+    return -f.detach().reshape(-1), -grad.reshape(-1, packer.size)
 
 
 def _finite_rows(t: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from .density import (GMMParams, _log_peak, joint_log_prob_and_diff, quadratic_c
 
 __all__ = [
     "Stats", "sum_sq_about", "univariate_stats_about", "statistics", "e_step_statistics", "univariate_statistics", "fast_e_step_statistics", "moment_statistics", "partition_statistics", "m_step",
+    "expected_log_joint",
     "chunked_sum", "point_chunks",
     "params_from_responsibilities",
 ]
@@ -403,6 +404,32 @@ def m_step(
     prec_chol, ok = cov.prec_chol_from_covariance(covariance, reg_covar)
     log_weights = torch.log(nk / nk.sum(-1, keepdim=True))  # the data's counts, never the prior's
     return GMMParams(log_weights, ref + shift, prec_chol), ok
+
+
+def expected_log_joint(stats: Stats, ref: Tensor, params: GMMParams, covariance_type: str | Covariance) -> Tensor:
+    """EM's ``Q``: ``sum_n w_n sum_k r_nk log(w_k N(x_n | mu_k, P_k))`` per member, ``(*L)``, of any
+    ``params`` (differentiable), from the statistics ``stats`` of fixed responsibilities about the
+    means ``ref (*L, K, D)`` (what :func:`m_step` maximizes)::
+
+        sum_k n_k peak_k - 1/2 sum_k [tr(S_k P_k) - 2 d_k^T P_k s_k + n_k d_k^T P_k d_k],  d = mu - ref
+
+    (``peak_k = log w_k + log det U_k - D/2 log 2 pi``, ``s_k`` the summed differences, ``S_k`` the
+    scatter), the traces through :meth:`~torchgmm.covariance.Covariance.scatter_form` and the other
+    terms through the covariance type's Mahalanobis term (the cross term by polarization, ``2 d^T P
+    s = m(d + s) - m(d) - m(s)``), so no type is special-cased. At the parameters the
+    responsibilities came from, its gradient is the log-likelihood's (Fisher's identity): the
+    gradient mode's evaluation from one E-step."""
+    cov = get_covariance(covariance_type)
+    k, d = params.means.shape[-2:]
+    n_lead = params.means.dim() - 2
+    peak = _log_peak(params, cov, d)  # (*L, K)
+    counts = torch.where(stats.nk > 0, stats.nk * peak, 0.0).sum(-1)  # (a component without points adds nothing)
+    precision = cov.scatter_form(cov.precision_from_prec_chol(params.prec_chol), k, d)
+    trace = (stats.scatter * precision).flatten(n_lead).sum(-1)  # sum_k tr(S_k P_k)
+    delta = params.means - ref  # (*L, K, D)
+    m = cov.mahalanobis(torch.stack([delta + stats.sum_diff, delta, stats.sum_diff], -2), params.prec_chol)  # (*L, K, 3)
+    quadratic = (m[..., 0] - (1 + stats.nk) * m[..., 1] - m[..., 2]).sum(-1)  # 2 d^T P s - n d^T P d, summed
+    return counts - 0.5 * trace + 0.5 * quadratic
 
 
 def moment_statistics(moments: Tensor, centers: Tensor, covariance_type: str | Covariance, dtype: torch.dtype) -> Stats:
