@@ -14,16 +14,7 @@ import torch
 
 import torchgmm
 from torchgmm.datasets import seed_series
-
-
-def runs(path):
-    """``[(state, start, stop)]`` for the maximal runs of equal states (stop exclusive)."""
-    out, start = [], 0
-    for t in range(1, len(path) + 1):
-        if t == len(path) or path[t] != path[start]:
-            out.append((path[start], start, t))
-            start = t
-    return out
+from torchgmm.hmm import regime_runs
 
 
 def main():
@@ -42,9 +33,9 @@ def main():
         print(f"  state {name[k]:6s} mean {float(hmm.means_[k, 0]):8.3f}  sd {float(hmm.covariances_[k, 0, 0].sqrt()):6.3f}  "
               f"stays with probability {float(hmm.transmat_[k, k]):.3f}")
     print("Regimes (Viterbi path as runs; steps are 0-based, first-last inclusive):")
-    for k, start, stop in runs(path):
-        values = x[start:stop]
-        print(f"  steps {start:2d}-{stop - 1:2d} ({stop - start:2d} steps): {name[k]:6s} "
+    for k, first, last in regime_runs(path):
+        values = x[first:last + 1]
+        print(f"  steps {first:2d}-{last:2d} ({last - first + 1:2d} steps): {name[k]:6s} "
               f"level {float(values.mean()):7.3f}  (values {float(values.min()):.2f} .. {float(values.max()):.2f})")
 
     gm = torchgmm.GaussianMixture(3, n_init=10, random_state=0).fit(x)

@@ -28,7 +28,7 @@ import torch
 
 from . import FitStatus, GaussianHMM, GaussianMixture
 from .covariance import get_covariance
-from .hmm import HMMParams, pad_states
+from .hmm import HMMParams, pad_states, regime_runs
 from .init import INIT_METHODS
 from .datasets import REPEATED_VALUE, seed_series, synthetic_series
 from .io import (DataError, SeriesData, TABLE_SUFFIXES, atomic_path, check_output_path, full_covariances,
@@ -574,20 +574,6 @@ def _lengths_of(data: SeriesData) -> torch.Tensor:
         raise CliError(f"{data.path}: series {data.names[b]!r} has missing values inside it (--nan-policy omit); "
                        "a hidden Markov model needs consecutive time steps: impute them, or cut the series there")
     return lengths
-
-
-def regime_runs(states: list) -> list:
-    """The runs of one state in a path (``-1`` = padding, ignored): ``[(state, first, last), ...]``
-    with inclusive indices."""
-    runs = []
-    for t, s in enumerate(states):
-        if s < 0:
-            break
-        if runs and runs[-1][0] == s:
-            runs[-1][2] = t
-        else:
-            runs.append([s, t, t])
-    return [tuple(r) for r in runs]
 
 
 def regimes_table(hmm: GaussianHMM, data: SeriesData, lengths: torch.Tensor, points: bool = False,

@@ -46,7 +46,7 @@ from .units import Scaling, standardize
 from .validation import NotFittedError
 
 __all__ = ["GaussianHMM", "HMMParams", "HMMRule", "HMMLBFGSRule", "HMMAdamRule", "HMMFit", "fit_hmm", "METHODS",
-           "STAY_PROBABILITY", "pad_states"]
+           "STAY_PROBABILITY", "pad_states", "regime_runs"]
 
 #: Diagonal of the default initial transition matrix (the rest of each row split evenly): a
 #: sticky start, which favours regimes over state-flipping; K = 1 gives [[1]].
@@ -97,6 +97,20 @@ def pad_states(params: HMMParams, n_states: int, cov: Covariance) -> HMMParams:
     means = repeat_first(params.means, -2)
     prec_chol = params.prec_chol if cov.component_axis is None else repeat_first(params.prec_chol, cov.component_axis)
     return HMMParams(log_start, log_trans, means, prec_chol)
+
+
+def regime_runs(states: list) -> list:
+    """The runs of one state in a Viterbi path (e.g. ``predict(x).tolist()``) (``-1`` = padding, ignored): ``[(state, first, last), ...]``
+    with inclusive indices."""
+    runs = []
+    for t, s in enumerate(states):
+        if s < 0:
+            break
+        if runs and runs[-1][0] == s:
+            runs[-1][2] = t
+        else:
+            runs.append([s, t, t])
+    return [tuple(r) for r in runs]
 
 
 def log_emissions(x: Tensor, params: HMMParams, cov: Covariance) -> Tensor:

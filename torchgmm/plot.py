@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .hmm import regime_runs
 from .io import full_covariances
 
 __all__ = ["plot", "require_matplotlib", "PLOT_HINT"]
@@ -227,9 +228,8 @@ def _draw_time(ax, data: _Batch, i: int) -> None:
     colors = _colors(data.k)
     ax.plot(t, y, color="0.75", linewidth=0.8, zorder=1)
     if data.hmm:  # each regime (a run of one state) shaded in its state's colour
-        starts = np.flatnonzero(np.diff(labels, prepend=-2) != 0)
-        for a, b in zip(starts, [*starts[1:], len(labels)]):
-            ax.axvspan(t[a] - 0.5, t[b - 1] + 0.5, color=colors[labels[a]], alpha=0.12, linewidth=0, zorder=0)
+        for state, first, last in regime_runs(labels.tolist()):
+            ax.axvspan(t[first] - 0.5, t[last] + 0.5, color=colors[state], alpha=0.12, linewidth=0, zorder=0)
     for k in np.unique(labels):
         sel = labels == k
         color = _DEGENERATE if data.degenerate[i, k] else colors[k]
