@@ -543,11 +543,8 @@ def _partition_params(x: Tensor, w: Tensor, labels: Tensor, centers: Tensor, cov
                       compile: bool = False, chunk_size: Optional[int] = None) -> GMMParams:
     """The M-step of hard ``labels (B, R, N)`` about ``centers (B, R, K, D)``; ``reg (B, 1)``."""
     stats_fn = compiled(partition_statistics) if compile else partition_statistics
-    xb, wb = x.unsqueeze(1), w.unsqueeze(1)
-    if chunk_size is None or chunk_size >= x.shape[-2]:  # one chunk: the data themselves
-        stats = stats_fn(xb, wb, labels, centers, cov)
-    else:
-        stats = chunked_sum(lambda xc, wc, lc: stats_fn(xc, wc, lc, centers, cov), xb, wb, chunk_size, labels)
+    stats = chunked_sum(lambda xc, wc, lc: stats_fn(xc, wc, lc, centers, cov), x.unsqueeze(1), w.unsqueeze(1),
+                        chunk_size, labels)
     params, _ = m_step(stats, centers, cov, reg)
     return params
 

@@ -487,6 +487,8 @@ def point_chunks(n: int, chunk_size: Optional[int]) -> list[slice]:
 def chunked_sum(fn: Callable[..., Stats], x: Tensor, w: Tensor, chunk_size: Optional[int], *per_point: Tensor) -> Stats:
     """``fn(x_chunk, w_chunk, *per_point_chunks)`` summed over chunks of ``chunk_size`` points
     (all at once if None). ``x (..., N, D)``, ``w (..., N)``, ``per_point`` tensors ``(..., N)``."""
+    if chunk_size is None or chunk_size >= x.shape[-2]:  # one chunk: the data themselves, no slices
+        return fn(x, w, *per_point)
     total = None
     for part in point_chunks(x.shape[-2], chunk_size):
         stats = fn(x[..., part, :], w[..., part], *(t[..., part] for t in per_point))
