@@ -297,6 +297,10 @@ def run_members(
     out: Optional[GMMParams] = None
     out_track = initial
 
+    def pending_columns() -> tuple[Tensor, Tensor]:
+        """The pending histories as columns, ``(values, passes)``, each ``(working members, len(pending))``."""
+        return torch.stack([v for _, v, _ in pending], -1), torch.stack([p for _, _, p in pending], -1)
+
     def write_back():
         nonlocal out
         if out is None:
@@ -311,8 +315,7 @@ def run_members(
         if pending:
             its = torch.tensor([it for it, _, _ in pending], device=device)
             rows, cols = idx.unsqueeze(-1), its.unsqueeze(0)
-            history[rows, cols] = torch.stack([v for _, v, _ in pending], -1)
-            passes[rows, cols] = torch.stack([p for _, _, p in pending], -1)
+            history[rows, cols], passes[rows, cols] = pending_columns()
             pending.clear()
 
     def finish():
@@ -323,8 +326,7 @@ def run_members(
         out = type(params)(*(p.clone() if p.data_ptr() == q.data_ptr() else p for p, q in zip(params, start_params)))
         out_track = track
         if pending:
-            history[:, :len(pending)] = torch.stack([v for _, v, _ in pending], -1)
-            passes[:, :len(pending)] = torch.stack([p for _, _, p in pending], -1)
+            history[:, :len(pending)], passes[:, :len(pending)] = pending_columns()
 
     interrupted = False
     clock = time.perf_counter()
